@@ -1,0 +1,1 @@
+"""Datasets in the verl / Med-U1 parquet schema."""
