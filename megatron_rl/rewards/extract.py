@@ -20,14 +20,12 @@ _FORMAT_SEQUENCE = list(FORMAT_TAGS)
 _FORMAT_TAG = re.compile("|".join(re.escape(tag) for tag in FORMAT_TAGS))
 
 _LENIENT_SCAN_CHARS = 200
-# "(C)", "C.", "C: text", "[C]", "**C**", "Option C", "The answer is C", "Answer: (C) text".
-_LENIENT_CHOICE = re.compile(
-    r"[\s*_(\[]*"
-    r"(?:(?i:(?:the\s+)?(?:correct\s+|final\s+)?(?:option|answer|choice))(?:\s+(?i:is))?\s*[:\-]?\s*)?"
-    r"[\s*_(\[]*"
-    r"([A-N])"
-    r"(?![A-Za-z0-9])"
-)
+_DECORATION = " \t\r\n\f\v*_(["
+OPTION_LETTERS = frozenset("ABCDEFGHIJKLMN")
+"""The letters a multiple-choice ground truth may be (MMLU-Pro has up to 10 options; A-N as Med-U1)."""
+# "Option", "Answer", "The correct answer is", "Final choice": each \s+ is followed by a
+# literal word, so matching is linear (no two quantifiers compete for the same spaces).
+_CHOICE_PREFIX = re.compile(r"(?:the\s+)?(?:correct\s+|final\s+)?(?:option|answer|choice)(?:\s+is)?", re.IGNORECASE)
 
 
 def as_text(value: object) -> str:
@@ -96,7 +94,12 @@ def has_think_answer_format(response: str) -> bool:
 
 
 def lenient_choice(answer: str) -> str:
-    """The option letter in forms like '(C)', 'C.', 'C: text', 'Option C'; the answer itself if
-    no letter leads it. Only the first 200 characters are looked at."""
-    match = _LENIENT_CHOICE.match(answer[:_LENIENT_SCAN_CHARS])
-    return match.group(1) if match else answer
+    """The option letter in forms like '(C)', 'C.', 'C: text', '[C]', '**C**', 'Option C',
+    'The answer is C'; the answer itself if no letter leads it. Reads the first 200 characters."""
+    rest = answer[:_LENIENT_SCAN_CHARS].lstrip(_DECORATION)
+    prefix = _CHOICE_PREFIX.match(rest)
+    if prefix:
+        rest = rest[prefix.end() :].lstrip(_DECORATION + ":-")
+    if rest and rest[0] in OPTION_LETTERS and (len(rest) == 1 or not rest[1].isalnum()):
+        return rest[0]
+    return answer

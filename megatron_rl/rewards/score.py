@@ -41,7 +41,6 @@ TASK_OF_SOURCE = {
 }
 """The task type of every data_source the reward knows."""
 
-OPTION_LETTERS = frozenset("ABCDEFGHIJKLMN")
 MISSING_ANSWER_PENALTY = -2.0
 NO_LENGTH_CONTROL = -1
 
@@ -145,7 +144,7 @@ def _choice(answer: str | None, truth: str) -> tuple[float, int]:
     if answer is None:
         return -1.0, 0
     valid = int(answer == truth)
-    if truth not in OPTION_LETTERS:
+    if truth not in extract.OPTION_LETTERS:
         return 0.0, valid  # not a multiple-choice ground truth: no correctness signal
     return (1.0 if valid else -1.0), valid
 

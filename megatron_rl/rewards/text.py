@@ -87,16 +87,15 @@ def normalize(text: str) -> list[str]:
     Then per word: number words none/zero..ten -> digits, articles dropped, contractions
     restored, commas removed (a token left empty disappears).
     """
-    stripped = text
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
-    for mark in _PUNCTUATION:
-        if mark not in text:  # replacements only ever remove marks, so the copy has none either
-            continue
-        if delete_all or mark + " " in text or " " + mark in text:
-            stripped = stripped.replace(mark, "")
-        else:
-            stripped = stripped.replace(mark, " ")
-    stripped = _PERIOD.sub("", stripped, _MAX_PERIODS_REMOVED)
+    present = [mark for mark in _PUNCTUATION if mark in text]
+    if present:
+        delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+        # Each decision is made on the original text; replacing marks never creates one, so
+        # the copy can be edited in place of the original once every decision is taken.
+        deleted = [delete_all or mark + " " in text or " " + mark in text for mark in present]
+        for mark, delete in zip(present, deleted):
+            text = text.replace(mark, "" if delete else " ")
+    stripped = _PERIOD.sub("", text, _MAX_PERIODS_REMOVED)
     # The official per-word steps (number word -> digit, drop articles, restore contractions,
     # delete commas) collapse into one lookup: no rewrite produces an article or another key,
     # and every comma is already gone (it is one of the punctuation marks above).

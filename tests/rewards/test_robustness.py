@@ -53,6 +53,7 @@ def adversarial_responses() -> dict[str, object]:
         "boxed unbalanced": "\\boxed{" * 20_000,
         "many periods": "<answer>" + ". " * 100_000 + "</answer>",
         "many commas": "<answer>" + "1,2 (x) " * 25_000 + "</answer>",
+        "option then spaces": "<answer>The correct option is" + " " * 100_000 + "x</answer>",
     }
 
 
