@@ -11,4 +11,4 @@ from megatron_rl.rewards.batch import score_batch
 from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rewards.score import TASK_OF_SOURCE, RewardResult, score, task_of
 
-__all__ = ["RewardConfig", "RewardResult", "TASK_OF_SOURCE", "score", "score_batch", "task_of"]
+__all__ = ["TASK_OF_SOURCE", "RewardConfig", "RewardResult", "score", "score_batch", "task_of"]

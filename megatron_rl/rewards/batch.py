@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-from megatron_rl.rewards.config import RewardConfig
+from megatron_rl.rewards.config import DEFAULT_CONFIG, RewardConfig
 from megatron_rl.rewards.score import NO_LENGTH_CONTROL, RewardResult, score, task_of
 
 PARALLEL_MIN_ROWS = 4096
@@ -22,7 +22,7 @@ _pools: dict[int, ProcessPoolExecutor] = {}
 def score_batch(
     rows: Sequence[Mapping[str, object]],
     *,
-    config: RewardConfig = RewardConfig(),
+    config: RewardConfig = DEFAULT_CONFIG,
     num_workers: int | None = None,
 ) -> list[RewardResult]:
     """Score each row; results are in row order.

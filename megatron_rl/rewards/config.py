@@ -72,3 +72,7 @@ class RewardConfig:
         check_range("reward.l1_alpha", self.l1_alpha, low=0.0)
         check_range("reward.l1_delta", self.l1_delta, low=0.0, high=1.0)
         check_range("reward.threshold", self.threshold)
+
+
+DEFAULT_CONFIG = RewardConfig()
+"""The Med-U1 preset (RewardConfig is frozen, so one shared instance serves as every default)."""

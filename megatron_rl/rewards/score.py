@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from megatron_rl.rewards import extract, text
-from megatron_rl.rewards.config import RewardConfig
+from megatron_rl.rewards.config import DEFAULT_CONFIG, RewardConfig
 
 CHOICE = "multiple_choice"
 NUMERIC = "numeric"
@@ -46,7 +46,6 @@ NO_LENGTH_CONTROL = -1
 
 _EXACT_LENGTH_WIDTH = 1500  # exact mode: the reward falls to 0 at |n - N| = 1500 tokens
 _MAX_LENGTH_SLOPE = 1 / 500  # max mode: the reward changes by 1 per 500 tokens
-_DEFAULT_CONFIG = RewardConfig()
 
 
 class RewardResult(NamedTuple):
@@ -80,7 +79,7 @@ def score(
     upper_limit: object = None,
     num_tokens: int | None = NO_LENGTH_CONTROL,
     response_num_tokens: int | None = None,
-    config: RewardConfig = _DEFAULT_CONFIG,
+    config: RewardConfig = DEFAULT_CONFIG,
 ) -> RewardResult:
     """Score one response (the response text only, never the prompt).
 
@@ -115,19 +114,16 @@ def score(
     else:
         format_score = 1.0 if answer is not None else -1.0
 
-    if task == CHOICE:
-        correctness, valid = _choice(answer, truth)
-    elif task == NUMERIC:
-        correctness, valid = _numeric(answer, truth, lower_limit, upper_limit)
-    else:
-        correctness, valid = _open_ended(answer, truth, config)
-
     if answer is None:
-        correctness, length = MISSING_ANSWER_PENALTY, 0.0
-    elif num_tokens == NO_LENGTH_CONTROL:
-        length = 0.0
+        correctness, valid, length = MISSING_ANSWER_PENALTY, 0, 0.0
     else:
-        length = _length(num_tokens, response_num_tokens, correctness, config)
+        if task == CHOICE:
+            correctness, valid = _choice(answer, truth)
+        elif task == NUMERIC:
+            correctness, valid = _numeric(answer, truth, lower_limit, upper_limit)
+        else:
+            correctness, valid = _open_ended(answer, truth, config)
+        length = 0.0 if num_tokens == NO_LENGTH_CONTROL else _length(num_tokens, response_num_tokens, correctness, config)
     return RewardResult(format_score + correctness + length, format_score, correctness, length, answer, valid)
 
 
@@ -140,9 +136,7 @@ def _answer(response: str, config: RewardConfig) -> str | None:
     return answer
 
 
-def _choice(answer: str | None, truth: str) -> tuple[float, int]:
-    if answer is None:
-        return -1.0, 0
+def _choice(answer: str, truth: str) -> tuple[float, int]:
     valid = int(answer == truth)
     if truth not in extract.OPTION_LETTERS:
         return 0.0, valid  # not a multiple-choice ground truth: no correctness signal
@@ -159,10 +153,10 @@ def parse_number(value: object) -> float | None:
         return None
 
 
-def _numeric(answer: str | None, truth: str, lower_limit: object, upper_limit: object) -> tuple[float, int]:
+def _numeric(answer: str, truth: str, lower_limit: object, upper_limit: object) -> tuple[float, int]:
     truth_value = parse_number(truth)
     if truth_value is None:  # a date (MM/DD/YYYY) or a (weeks, days) tuple: exact match
-        correct = answer is not None and answer == truth
+        correct = answer == truth
     else:
         value = parse_number(answer)
         # A missing or unreadable bound falls back to the ground truth itself.
@@ -174,9 +168,7 @@ def _numeric(answer: str | None, truth: str, lower_limit: object, upper_limit: o
     return (1.0 if correct else -1.0), int(correct)
 
 
-def _open_ended(answer: str | None, truth: str, config: RewardConfig) -> tuple[float, int]:
-    if answer is None:
-        return -1.0, 0
+def _open_ended(answer: str, truth: str, config: RewardConfig) -> tuple[float, int]:
     ref = text._reference(truth)
     tokens = text.normalize(answer)
     ems = text._ems(tokens, ref)

@@ -8,8 +8,7 @@ import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from megatron_rl.data.parquet import read_reward_specs
-from megatron_rl.rewards import RewardConfig, score, score_batch
-from megatron_rl.rewards import text
+from megatron_rl.rewards import RewardConfig, score, score_batch, text
 
 WELL = "<think>Working through the case.</think>\n<answer>{}</answer>"
 

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_rl.rewards import RewardConfig, score
-from megatron_rl.rewards import extract
+from megatron_rl.rewards import RewardConfig, extract, score
 
 WELL = "<think>reasoning</think><answer>{}</answer>"
 
