@@ -35,10 +35,10 @@ def build_rows(data_dir: Path) -> dict[str, list[dict]]:
     rng = random.Random(0)
     specs = []
     if all((data_dir / f"{n}.parquet").is_file() for n in ("mediq", "medcalc", "huatuo")):
-        from megatron_rl.data.parquet import read_reward_specs
+        from megatron_rl.data.schema import read_rows
 
         for name in ("mediq", "medxpertqa", "medcalc", "huatuo"):
-            specs += [vars(s) for s in read_reward_specs(data_dir / f"{name}.parquet")]
+            specs += [vars(s) for s in read_rows(data_dir / f"{name}.parquet")[0]]
     else:
         from megatron_rl.rewards.sample import SAMPLE
 

@@ -3,6 +3,7 @@
     megatron-rl score FILE.parquet --responses FILE.jsonl [--config CFG.yaml] [reward.k=v ...]
     megatron-rl score FILE.parquet --oracle
     megatron-rl score --sample
+    megatron-rl prepare-data --input RAW [RAW ...] --output-dir DIR [--do-normal | --num-tokens N | ...]
 """
 
 from __future__ import annotations
@@ -47,6 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                        help="config overrides, e.g. reward.threshold=50")
     score.set_defaults(run=_score)
+
+    prepare = commands.add_parser("prepare-data", help="raw benchmark files -> train/validation/test parquet")
+    prepare.add_argument("--input", nargs="+", required=True, metavar="FILE", help="raw .json, .jsonl or .parquet")
+    prepare.add_argument("--output-dir", required=True, metavar="DIR")
+    prepare.add_argument("--name", help="output name (one benchmark only; default: the benchmark's)")
+    prepare.add_argument("--format", help="benchmark of every input (default: recognised from the content)")
+    prepare.add_argument("--split", help="put every input in this split: train, validation or test "
+                                          "(default: a record's split field, else the file name)")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the length budgets and the mix order")
+    prepare.add_argument("--mix-name", default="medoption", help="combined multiple-choice training file name")
+    prepare.add_argument("--sample-multiple-for-train", type=int, default=1, metavar="K",
+                         help="repeat each training row K times with fresh budgets")
+    length = prepare.add_mutually_exclusive_group()
+    length.add_argument("--do-normal", action="store_true", help="no length instruction (num_tokens = -1)")
+    length.add_argument("--num-tokens", type=int, metavar="N",
+                        help="one budget for all: N > 0 'Think for N tokens.', N < 0 a maximum of |N|")
+    length.add_argument("--use-log", action="store_true", help="budgets 2^U(8, 14.5)")
+    length.add_argument("--use-both", action="store_true", help="half exact budgets in 100..2000, half none")
+    length.add_argument("--use-both-both", action="store_true", help="budgets in 100..2000, half of them maxima")
+    prepare.set_defaults(run=_prepare_data)
     return parser
 
 
@@ -80,6 +101,32 @@ def _score(args: argparse.Namespace) -> int:
     if args.output:
         report.write_results(args.output, rows, results)
         print(f"wrote {len(results)} scored responses to {args.output}")
+    return 0
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from megatron_rl.data.prepare import LengthMode, PrepareOptions, prepare
+
+    if args.overrides:
+        raise ValueError(f"prepare-data takes no config overrides: {' '.join(args.overrides)}")
+    if args.do_normal:
+        length = LengthMode("normal")
+    elif args.num_tokens is not None:
+        length = LengthMode("fixed", args.num_tokens)
+    elif args.use_log:
+        length = LengthMode("log")
+    elif args.use_both:
+        length = LengthMode("both")
+    elif args.use_both_both:
+        length = LengthMode("both_both")
+    else:
+        length = LengthMode("exact")
+    options = PrepareOptions(length=length, seed=args.seed, split=args.split, format_name=args.format,
+                             name=args.name, mix_name=args.mix_name,
+                             sample_multiple_for_train=args.sample_multiple_for_train)
+    summary = prepare(args.input, args.output_dir, options)
+    print(summary.format())
+    print(f"length budgets: {length.mode}; written to {args.output_dir}")
     return 0
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_rl.cli import main
-from megatron_rl.data.parquet import read_reward_specs
+from megatron_rl.data.schema import read_rows
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -33,12 +33,12 @@ def test_sample_scores_every_task_type(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_score_a_medu1_file(medu1_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parquet = medu1_dir / "mediq.parquet"
-    specs = read_reward_specs(parquet)
+    specs, _ = read_rows(parquet)
     # Two responses per row: the right letter, then a wrong one -> accuracy exactly 0.5.
     records = []
-    for spec in specs:
+    for row, spec in enumerate(specs):
         for letter in (spec.ground_truth, "Z"):
-            records.append({"row": spec.row, "response": f"<think>t</think><answer>{letter}</answer>",
+            records.append({"row": row, "response": f"<think>t</think><answer>{letter}</answer>",
                             "response_num_tokens": spec.num_tokens})
     responses = write_jsonl(tmp_path / "responses.jsonl", records)
     output = tmp_path / "scores.jsonl"
@@ -92,7 +92,7 @@ def test_bad_parquet_and_config(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     responses = write_jsonl(tmp_path / "r.jsonl", [{"response": "x"}])
     assert main(["score", str(tmp_path / "bad.parquet"), "--responses", str(responses)]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "not a readable parquet file" in capsys.readouterr().err
     assert main(["score", "--sample", "reward.threshhold=3"]) == 2
     assert "unknown config key 'reward.threshhold'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:

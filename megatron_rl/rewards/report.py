@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from megatron_rl.data.parquet import NO_LENGTH_CONTROL, read_reward_specs
+from megatron_rl.data.schema import NO_LENGTH_CONTROL, read_rows
 from megatron_rl.rewards.score import RewardResult, task_of
 
 
@@ -25,7 +25,7 @@ def rows_from_files(
     ``count_tokens`` where a row is length-controlled). With ``use_length=False`` the length
     term is left out. Errors name the file, the line and the field.
     """
-    specs = read_reward_specs(parquet_path)
+    specs, _ = read_rows(parquet_path)
     rows = []
     any_row_field = False
     for line_number, record in _jsonl(responses_path):
@@ -68,10 +68,10 @@ def oracle_rows(parquet_path: str | Path, *, use_length: bool = True) -> list[di
     """One response per row: the row's own ground truth in the <think></think><answer></answer>
     format, exactly on its length budget. Scoring them shows the most the reward can give."""
     rows = []
-    for spec in read_reward_specs(parquet_path):
+    for index, spec in enumerate(read_rows(parquet_path)[0]):
         num_tokens = spec.num_tokens if use_length else NO_LENGTH_CONTROL
         rows.append({
-            "row": spec.row, "data_source": spec.data_source,
+            "row": index, "data_source": spec.data_source,
             "response": f"<think></think><answer>{spec.ground_truth}</answer>",
             "ground_truth": spec.ground_truth, "lower_limit": spec.lower_limit, "upper_limit": spec.upper_limit,
             "num_tokens": num_tokens, "response_num_tokens": abs(num_tokens),

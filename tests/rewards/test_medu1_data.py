@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from megatron_rl.data.parquet import read_reward_specs
+from megatron_rl.data.schema import read_rows
 from megatron_rl.rewards import RewardConfig, score, score_batch, text
 
 WELL = "<think>Working through the case.</think>\n<answer>{}</answer>"
 
 
 def _rows(medu1_dir: Path, name: str):
-    specs = read_reward_specs(medu1_dir / f"{name}.parquet")
+    specs, _ = read_rows(medu1_dir / f"{name}.parquet")
     assert specs, name
     return specs
 
@@ -84,7 +84,7 @@ def test_open_ended_rows(medu1_dir: Path) -> None:
 def test_score_batch_equals_score_on_all_files(medu1_dir: Path) -> None:
     rows = []
     for name in ("mediq", "medxpertqa", "medcalc", "huatuo"):
-        for spec in read_reward_specs(medu1_dir / f"{name}.parquet"):
+        for spec in read_rows(medu1_dir / f"{name}.parquet")[0]:
             rows.append({"data_source": spec.data_source, "response": WELL.format(spec.ground_truth),
                          "ground_truth": spec.ground_truth, "lower_limit": spec.lower_limit,
                          "upper_limit": spec.upper_limit, "num_tokens": spec.num_tokens,
