@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from megatron_rl.data.config import DataConfig
 from megatron_rl.rewards.config import RewardConfig
 
 T = TypeVar("T")
@@ -36,6 +37,9 @@ class Config:
 
     reward: RewardConfig = field(default_factory=RewardConfig)
     """How responses are scored (megatron_rl.rewards)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which prompts are read and how they are batched (megatron_rl.data)."""
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] = Config) -> T:

@@ -267,3 +267,32 @@ def test_cli_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         main(["prepare-data", "--input", str(raw), "--output-dir", str(out), "--do-normal", "--use-log"])
     assert main(["prepare-data", "--input", str(tmp_path / "missing.json"), "--output-dir", str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+# --- the dataset reads our output as it reads the shipped files ---------------------------
+
+
+def test_dataset_reads_our_output_and_the_shipped_files_identically(medu1_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from megatron_rl.data.dataset import PromptDataset
+    from megatron_rl.data.schema import write_rows
+    from megatron_rl.testing import tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model(tmp_path / "tiny"))
+    for name in ("mediq", "medcalc"):
+        shipped, _ = read_rows(medu1_dir / f"{name}.parquet")
+        _, problems = read_problems(medu1_dir / "raw" / f"{name}.json")
+        # Our rows as chat messages, with the budget and system prompt each shipped row drew.
+        ours = []
+        for index, (problem, theirs) in enumerate(zip(problems, shipped, strict=True)):
+            system = theirs.messages[0][1].split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
+            ours.append(problem.to_row(theirs.num_tokens, "validation", index, system))
+        write_rows(tmp_path / f"{name}.parquet", ours)
+        mine = PromptDataset([tmp_path / f"{name}.parquet"], tokenizer, max_prompt_length=1 << 20)
+        theirs = PromptDataset([medu1_dir / f"{name}.parquet"], tokenizer, max_prompt_length=1 << 20)
+        assert len(mine) == len(theirs) == len(shipped)
+        for a, b in zip(mine.examples, theirs.examples, strict=True):
+            assert a.row.ground_truth == b.row.ground_truth
+            assert a.prompt_text == b.prompt_text
+            assert a.prompt_token_ids == b.prompt_token_ids
