@@ -16,7 +16,12 @@ megatron-core assumes a GPU in a handful of spots. On a machine without CUDA,
    proxy whose tensor factories map a cuda device to the cpu.
 5. ``Tensor.cuda`` returns the tensor itself (PP with tied embeddings calls ``.cuda()``).
 6. ``transformer.utils.get_default_causal_mask`` (used when a forward gets ``attention_mask=None``)
-   allocates with ``device="cuda"``: that module gets the same torch proxy as in 4.
+   allocates with ``device="cuda"``: that module gets the same torch proxy as in 4. So do the
+   optimizer modules (``optimizer.optimizer``, ``optimizer.clip_grads``, ``optimizer.grad_scaler``,
+   ``optimizer.distrib_optimizer``) and ``core.utils`` (found-inf flags, grad norms, loss scales).
+7. The optimizers sort parameters by ``param.type()`` and accept only ``torch.cuda.*Tensor``:
+   ``Tensor.type()`` (no argument) reports the cuda type name of a cpu tensor to callers in
+   ``megatron.core.optimizer`` (only there; everyone else sees the true name).
 
 Nothing is patched when CUDA is available. Applying twice is a no-op. The targets are
 listed in :data:`SHIM_TARGETS` so that tests can check that the megatron source each shim
@@ -25,12 +30,14 @@ relies on is still there (a megatron upgrade that moves it fails the test, not a
 
 from __future__ import annotations
 
+import importlib
+import sys
 import types
 from typing import Any
 
 import torch
 
-__all__ = ["SHIM_TARGETS", "CudaToCpuTorch", "apply_cpu_shims", "cpu_shims_applied"]
+__all__ = ["CUDA_TO_CPU_MODULES", "SHIM_TARGETS", "CudaToCpuTorch", "apply_cpu_shims", "cpu_shims_applied"]
 
 # (module, attribute, source pattern the shim exists for); checked by tests/megatron/test_cpu_shims.py.
 SHIM_TARGETS: tuple[tuple[str, str, str], ...] = (
@@ -49,7 +56,29 @@ SHIM_TARGETS: tuple[tuple[str, str, str], ...] = (
      'device="cuda"'),
     ("megatron.core.models.common.language_module.language_module", "LanguageModule", "weight.data.cuda()"),
     ("megatron.core.transformer.utils", "get_default_causal_mask", 'device="cuda"'),
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer", "device='cuda'"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "'torch.cuda.FloatTensor'"),
+    ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32", "device='cuda'"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", "device='cuda'"),
+    ("megatron.core.optimizer.grad_scaler", "MegatronGradScaler", "device='cuda'"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer", "device='cuda'"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "'torch.cuda.FloatTensor'"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer", "torch.cuda.current_device()"),
 )
+
+# Modules whose ``torch`` becomes a :class:`CudaToCpuTorch` (shims 4 and 6).
+CUDA_TO_CPU_MODULES: tuple[str, ...] = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",
+)
+_OPTIMIZER_PACKAGE = "megatron.core.optimizer"
+_CPU_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
 
 _APPLIED = False
 
@@ -89,6 +118,21 @@ def _cpu_rng_state_of_device(device: Any = "cuda") -> torch.Tensor:
 def _cpu_manual_seed(seed: int) -> None:
     """Stand-in for ``torch.cuda.manual_seed``: seeds the CPU generator."""
     torch.manual_seed(seed)
+
+
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_type_cuda_names_for_optimizer(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.type``, except that a no-argument call from ``megatron.core.optimizer`` reports a cpu
+    float tensor under its cuda type name (shim 7)."""
+    result = _ORIGINAL_TENSOR_TYPE(self, *args, **kwargs)
+    if args or kwargs:
+        return result
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    if caller == _OPTIMIZER_PACKAGE or caller.startswith(_OPTIMIZER_PACKAGE + "."):
+        return _CPU_TO_CUDA_TYPE.get(result, result)
+    return result
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -151,17 +195,16 @@ def apply_cpu_shims() -> bool:
         return False
     if _APPLIED:
         return True
-    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as tp_random
-    from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = _cpu_current_device  # 1
     tp_random.torch = CudaToCpuTorch()  # 2
     tp_random._get_cuda_rng_state = _cpu_get_rng_state
     tp_random._set_cuda_rng_state = _cpu_set_rng_state
     torch.cuda.synchronize = _no_op_synchronize  # 3
-    schedules.torch = CudaToCpuTorch()  # 4
+    for module_name in CUDA_TO_CPU_MODULES:  # 4 and 6
+        importlib.import_module(module_name).torch = CudaToCpuTorch()
     torch.Tensor.cuda = _tensor_cuda_identity  # 5
-    transformer_utils.torch = CudaToCpuTorch()  # 6
+    torch.Tensor.type = _tensor_type_cuda_names_for_optimizer  # 7
     _APPLIED = True
     return True

@@ -12,7 +12,14 @@ import torch.distributed as dist
 
 from megatron_rl.megatron.cpu import apply_cpu_shims
 
-__all__ = ["ParallelInfo", "destroy_parallel", "init_parallel", "pipeline_parallel_group", "tensor_parallel_group"]
+__all__ = [
+    "ParallelInfo",
+    "data_parallel_group",
+    "destroy_parallel",
+    "init_parallel",
+    "pipeline_parallel_group",
+    "tensor_parallel_group",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +113,13 @@ def pipeline_parallel_group() -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_pipeline_model_parallel_group()
+
+
+def data_parallel_group() -> dist.ProcessGroup:
+    """The data-parallel process group of this rank (after :func:`init_parallel`)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
 
 
 def destroy_parallel() -> None:

@@ -103,3 +103,124 @@ def megatron_logprob_grads(model_dir: str | Path, info) -> dict[str, torch.Tenso
                                      temperature=TEMPERATURE, tp_group=tensor_parallel_group(), with_entropy=True)
     (result.logprobs.sum() + 0.1 * result.entropy.sum()).backward()
     return {name: param.grad.detach().clone() for name, param in model.named_parameters()}
+
+
+TRAIN_LR = 1e-5  # small enough that 2 Adam steps leave most tokens inside the PPO clip range
+TRAIN_BATCH, TRAIN_SEQ = 4, 12
+
+
+def train_batch(vocab_size: int = VOCAB_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T), response_mask (B, T-1), advantages (B, T-1)) of the training tests: responses
+    start at target position 4 and have different lengths; one advantage per sequence, both signs."""
+    ids = fixed_batch(vocab_size, batch=TRAIN_BATCH, seq=TRAIN_SEQ)
+    mask = torch.zeros(TRAIN_BATCH, TRAIN_SEQ - 1, dtype=torch.bool)
+    for row, end in enumerate((9, 11, 11, 7)):
+        mask[row, 4:end] = True
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(TRAIN_BATCH, TRAIN_SEQ - 1).clone()
+    return ids, mask, advantages
+
+
+def build_policy_and_reference(model_dir: str | Path, info, *, lr: float = TRAIN_LR,
+                               use_distributed_optimizer: bool = False):
+    """This rank's DDP-wrapped policy, its optimizer and the frozen reference, all loaded with the HF
+    weights through checkpoint/qwen2.py."""
+    from transformers import AutoConfig
+
+    from megatron_rl.checkpoint.qwen2 import load_hf_into_model
+    from megatron_rl.megatron.model import build_gpt_model
+    from megatron_rl.megatron.optim import OptimizerSettings, build_optimizer, wrap_ddp
+    from megatron_rl.megatron.reference import freeze_reference
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    state = load_hf_state(model_dir)
+
+    def build():
+        model = build_gpt_model(hf_config, tp_size=info.tp_size, pp_size=info.pp_size, pre_process=info.pp_rank == 0,
+                                post_process=info.pp_rank == info.pp_size - 1)
+        load_hf_into_model(model, state, hf_config, tp_rank=info.tp_rank, tp_size=info.tp_size, pp_rank=info.pp_rank,
+                           pp_size=info.pp_size)
+        return model
+
+    settings = OptimizerSettings(lr=lr, use_distributed_optimizer=use_distributed_optimizer)
+    policy = wrap_ddp(build(), settings)
+    return policy, build_optimizer(policy, settings), freeze_reference(build()), hf_config
+
+
+def run_training(model_dir: str | Path, info, *, num_steps: int, lr: float = TRAIN_LR, kl_coef: float = 1e-3,
+                 use_distributed_optimizer: bool = False, save_to: Path | None = None, save_after: int = 1,
+                 load_from: Path | None = None) -> dict:
+    """``num_steps`` train steps on :func:`train_batch` (micro-batches of one sequence; at DP=2 each rank
+    takes half the rows). old_logprobs = the reference logprobs (the step-0 policy), KL to the reference.
+    ``save_to``: save a distributed checkpoint after step ``save_after``; ``load_from``: resume from one
+    before the first step.
+
+    Returns ``{"metrics": [per-step dict], "logprobs": (B, T-1) after training, "params": this rank's
+    Megatron-named parameters after training, "num_tokens", "iteration" (loaded, or None)}``."""
+    from megatron_rl.checkpoint.distributed import load_checkpoint, save_checkpoint
+    from megatron_rl.megatron.forward import forward_logprobs
+    from megatron_rl.megatron.optim import unwrap_ddp
+    from megatron_rl.megatron.reference import check_reference_matches_policy
+    from megatron_rl.megatron.train_step import LossSettings, MicroBatch, count_valid_tokens, train_step
+
+    policy, optimizer, reference, hf_config = build_policy_and_reference(
+        model_dir, info, lr=lr, use_distributed_optimizer=use_distributed_optimizer)
+    vocab = hf_config.vocab_size
+    ids, mask, advantages = train_batch(vocab)
+    if load_from is None:
+        ref_logprobs = check_reference_matches_policy(policy, reference, ids, vocab_size=vocab,
+                                                      temperature=TEMPERATURE, micro_batch_size=1)
+        iteration = None
+    else:
+        ref_logprobs = forward_logprobs(reference, ids, vocab_size=vocab, temperature=TEMPERATURE,
+                                        micro_batch_size=1).logprobs
+        iteration = load_checkpoint(load_from, policy, optimizer)
+    rows = range(info.dp_rank * TRAIN_BATCH // info.dp_size, (info.dp_rank + 1) * TRAIN_BATCH // info.dp_size)
+    micro_batches = [MicroBatch(ids[r:r + 1], mask[r:r + 1], ref_logprobs[r:r + 1], advantages[r:r + 1],
+                                ref_logprobs[r:r + 1]) for r in rows]
+    num_tokens = count_valid_tokens(micro_batches)
+    settings = LossSettings(kl_coef=kl_coef, temperature=TEMPERATURE)
+    metrics = []
+    for step in range(1, num_steps + 1):
+        metrics.append(train_step(policy, optimizer, micro_batches, global_num_tokens=num_tokens, vocab_size=vocab,
+                                  settings=settings))
+        if save_to is not None and step == save_after:
+            save_checkpoint(save_to, policy, optimizer, iteration=step)
+    model = unwrap_ddp(policy)
+    logprobs = forward_logprobs(model, ids, vocab_size=vocab, temperature=TEMPERATURE, micro_batch_size=1).logprobs
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {"metrics": metrics, "logprobs": logprobs, "params": params, "num_tokens": num_tokens,
+            "iteration": iteration}
+
+
+def launch_ranks(worker: Path, args: list[str], out_dir: Path, world_size: int, timeout_s: float) -> list[dict]:
+    """Run ``worker`` in ``world_size`` processes (env:// rendezvous, gloo, one thread each) and return
+    each rank's OUT_DIR/rank{r}.pt. Raises RuntimeError when a rank fails or they do not all finish
+    within ``timeout_s`` (every worker is killed then)."""
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(out_dir), *args], env=env,
+                                      cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"worker ranks did not finish within {timeout_s} s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise RuntimeError(f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

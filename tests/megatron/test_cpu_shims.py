@@ -101,6 +101,30 @@ def test_tensor_cuda_is_identity(shims) -> None:  # shim 5
     assert t.cuda() is t
 
 
+@needs_no_cuda
+def test_optimizer_modules_allocate_cuda_requests_on_cpu(shims) -> None:  # shim 6 (optimizer part)
+    import importlib
+
+    for module_name in cpu.CUDA_TO_CPU_MODULES:
+        module = importlib.import_module(module_name)
+        assert isinstance(module.torch, cpu.CudaToCpuTorch), module_name
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+
+    assert ConstantGradScaler(1.0).scale.device.type == "cpu"  # built with device='cuda'
+
+
+@needs_no_cuda
+def test_tensor_type_reports_cuda_names_to_the_optimizer_only(shims) -> None:  # shim 7
+    param = torch.nn.Parameter(torch.ones(2))
+    assert param.type() == "torch.FloatTensor"  # everyone else sees the truth
+    assert param.type(torch.float64).dtype == torch.float64  # conversions are untouched
+    namespace = {"__name__": "megatron.core.optimizer.optimizer"}
+    exec("def probe(t):\n    return t.type()", namespace)  # a function whose module is the optimizer's
+    assert namespace["probe"](param) == "torch.cuda.FloatTensor"
+    assert namespace["probe"](torch.ones(2, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
+    assert namespace["probe"](torch.ones(2, dtype=torch.long)) == "torch.LongTensor"
+
+
 @pytest.mark.gpu
 def test_no_shims_with_cuda() -> None:
     original = torch.cuda.current_device
