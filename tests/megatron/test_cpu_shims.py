@@ -118,11 +118,13 @@ def test_tensor_type_reports_cuda_names_to_the_optimizer_only(shims) -> None:  #
     param = torch.nn.Parameter(torch.ones(2))
     assert param.type() == "torch.FloatTensor"  # everyone else sees the truth
     assert param.type(torch.float64).dtype == torch.float64  # conversions are untouched
-    namespace = {"__name__": "megatron.core.optimizer.optimizer"}
-    exec("def probe(t):\n    return t.type()", namespace)  # a function whose module is the optimizer's
-    assert namespace["probe"](param) == "torch.cuda.FloatTensor"
-    assert namespace["probe"](torch.ones(2, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
-    assert namespace["probe"](torch.ones(2, dtype=torch.long)) == "torch.LongTensor"
+    import types
+
+    # A function whose globals (hence its caller module name) are the optimizer module's.
+    probe = types.FunctionType((lambda t: t.type()).__code__, {"__name__": "megatron.core.optimizer.optimizer"})
+    assert probe(param) == "torch.cuda.FloatTensor"
+    assert probe(torch.ones(2, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
+    assert probe(torch.ones(2, dtype=torch.long)) == "torch.LongTensor"
 
 
 @pytest.mark.gpu

@@ -1,0 +1,177 @@
+"""One policy update: Megatron's forward/backward schedule over micro-batches, then one optimizer step.
+
+The loss of a micro-batch ``i`` on DP rank ``r`` is its share of the global token mean::
+
+    loss_i = sum_{valid t} (pg_loss_t + kl_coef * kl_t) / N          N = valid tokens over ALL
+                                                                        micro-batches and DP ranks
+
+so ``sum_{i, r} loss_i`` is the token mean over the whole batch. Megatron divides what the loss
+function returns by the number of micro-batches, and its DDP averages gradients over the DP group;
+the loss function therefore returns ``loss_i * num_microbatches * dp_size`` so that the gradient is
+exactly that of the global token mean. ``N`` comes from the caller (:func:`count_valid_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl import algorithms
+from megatron_rl.megatron.logprobs import vocab_parallel_logprobs
+from megatron_rl.megatron.parallel import data_parallel_group, pipeline_parallel_group, tensor_parallel_group
+
+__all__ = ["LossSettings", "MicroBatch", "count_valid_tokens", "train_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of rollouts; every (b, T-1) tensor is aligned with the logprobs of
+    ``input_ids[:, 1:]`` (position t holds the token at t + 1 given its prefix)."""
+
+    input_ids: torch.Tensor  # (b, T) prompt + response token ids
+    response_mask: torch.Tensor  # (b, T-1) bool: True where the target token is a response token
+    old_logprobs: torch.Tensor  # (b, T-1) logprobs of the policy that sampled (rollout / before the update)
+    advantages: torch.Tensor  # (b, T-1) per-token advantages
+    ref_logprobs: torch.Tensor | None = None  # (b, T-1) reference-model logprobs; None: no KL term
+
+    def __post_init__(self) -> None:
+        b, t = self.input_ids.shape
+        shaped = {"response_mask": self.response_mask, "old_logprobs": self.old_logprobs,
+                  "advantages": self.advantages}
+        if self.ref_logprobs is not None:
+            shaped["ref_logprobs"] = self.ref_logprobs
+        for name, tensor in shaped.items():
+            if tuple(tensor.shape) != (b, t - 1):
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected (b, T-1) = {(b, t - 1)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The clipped policy-gradient loss with an optional KL penalty to the reference model."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_c: float | None = 3.0
+    """Dual-clip constant (None turns it off); see :func:`megatron_rl.algorithms.ppo_clip_loss`."""
+    kl_coef: float = 0.001
+    """Weight of the KL penalty (used only when micro-batches carry ``ref_logprobs``)."""
+    kl_kind: str = "low_var_kl"
+    temperature: float = 1.0
+    """The rollout's sampling temperature: logprobs are those of ``softmax(logits / temperature)``."""
+
+    def __post_init__(self) -> None:
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0")
+        if self.kl_kind not in algorithms.KL_KINDS:
+            raise ValueError(f"kl_kind={self.kl_kind!r}; allowed: {', '.join(algorithms.KL_KINDS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0")
+
+
+def count_valid_tokens(micro_batches: Sequence[MicroBatch]) -> int:
+    """Valid (response) tokens over these micro-batches and every data-parallel rank (all-reduce SUM).
+
+    Every rank of the world must call this (it is collective over the DP group)."""
+    local = sum(int(mb.response_mask.sum()) for mb in micro_batches)
+    count = torch.tensor([local], dtype=torch.int64)
+    group = data_parallel_group()
+    if group.size() > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return int(count.item())
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer,
+    micro_batches: Sequence[MicroBatch],
+    *,
+    global_num_tokens: int,
+    vocab_size: int,
+    settings: LossSettings = LossSettings(),
+) -> dict[str, float]:
+    """Forward + backward over ``micro_batches`` (1F1B when PP > 1), then one clipped optimizer step.
+
+    Args:
+        model: this rank's stage wrapped by :func:`megatron_rl.megatron.optim.wrap_ddp`.
+        optimizer: from :func:`megatron_rl.megatron.optim.build_optimizer`.
+        micro_batches: this DP rank's micro-batches, all of the same shape (b, T); every TP/PP rank of a
+            model replica passes the same ones.
+        global_num_tokens: valid tokens over all micro-batches and DP ranks (:func:`count_valid_tokens`);
+            the token-mean denominator.
+        vocab_size: the HF vocabulary size (padded logits are ignored).
+
+    Returns:
+        Python floats, the same on every rank: ``loss`` (policy loss + kl_coef * kl, the global token
+        mean), ``pg_loss``, ``kl`` (token mean of the ``kl_kind`` estimate; 0 without a reference),
+        ``clip_frac_low``/``clip_frac_high``/``clip_frac_dual``, ``ppo_kl``, ``approx_kl`` (global token
+        means), ``grad_norm`` (before clipping) and ``update_successful`` (1.0 or 0.0).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise ValueError("micro_batches is empty")
+    shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
+    if len(shapes) != 1:
+        raise ValueError(f"micro-batches must share one shape (b, T); got {sorted(shapes)}")
+    micro_batch_size, seq = shapes.pop()
+    num_microbatches = len(micro_batches)
+    dp_group, tp_group, pp_group = data_parallel_group(), tensor_parallel_group(), pipeline_parallel_group()
+    loss_multiplier = num_microbatches * dp_group.size()  # undone by the schedule and the DDP average
+    device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+
+    def forward_step(data_iterator, stage):
+        mb: MicroBatch = next(data_iterator)
+        ids = mb.input_ids.to(device)
+        positions = torch.arange(seq, device=device).expand_as(ids)
+        output = stage(ids, positions, None)  # last stage: (b, T, V_padded / tp); others: hidden states
+
+        def loss_func(logits: torch.Tensor):
+            logprobs = vocab_parallel_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab_size,
+                                               temperature=settings.temperature, tp_group=tp_group).logprobs
+            mask = mb.response_mask.to(device)
+            pg_loss, metrics = algorithms.ppo_clip_loss(
+                logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask, clip_low=settings.clip_low,
+                clip_high=settings.clip_high, clip_c=settings.clip_c, global_num_tokens=global_num_tokens)
+            pg = algorithms.aggregate(pg_loss, mask, "token-mean", global_num_tokens=global_num_tokens)
+            loss = pg
+            if mb.ref_logprobs is not None:
+                kl_tokens = algorithms.kl_penalty(logprobs, mb.ref_logprobs.to(device), settings.kl_kind)
+                kl = algorithms.aggregate(kl_tokens, mask, "token-mean", global_num_tokens=global_num_tokens)
+                loss = loss + settings.kl_coef * kl
+            else:
+                kl = torch.zeros((), device=device)
+            reported = {"loss": loss.detach(), "pg_loss": pg.detach(), "kl": kl.detach(), **metrics}
+            return loss * loss_multiplier, reported
+
+        return output, loss_func
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+
+    names = ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ppo_kl", "approx_kl")
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    pp_size = pp_group.size()
+    if pp_group.rank() == pp_size - 1:  # sum over micro-batches: each value is already divided by N
+        for reported in outputs:
+            totals += torch.stack([reported[n].double().cpu() for n in names])
+    if dp_group.size() > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=dp_group)
+    if pp_size > 1:
+        dist.broadcast(totals, src=dist.get_global_rank(pp_group, pp_size - 1), group=pp_group)
+    result = dict(zip(names, totals.tolist(), strict=True))
+    result["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    result["update_successful"] = float(bool(update_successful))
+    return result
