@@ -102,3 +102,17 @@ def eos_heavy_weights(model_dir: Path, eos_logit: float = 5.8) -> list[tuple[str
     ]
     state = model.state_dict()
     return [(name, state[name].detach().clone()) for name in names]
+
+
+def check_renormalised_logprobs(engine, reference, prompts, *, top_k: int, top_p: float) -> None:
+    """An engine's sampled logprobs under top-k/top-p are those of the renormalised filtered
+    distribution (and differ from the unfiltered ones), for any RolloutEngine."""
+    from megatron_rl.rollout import SamplingConfig
+
+    sampling = SamplingConfig(n=2, temperature=0.8, top_k=top_k, top_p=top_p, max_tokens=8, seed=3)
+    rollouts = engine.generate(prompts, sampling)
+    error = max_logprob_error(reference, prompts, rollouts, 0.8, top_k=top_k, top_p=top_p)
+    print(f"{type(engine).__name__} top_k={top_k} top_p={top_p}: max |logprob diff| = {error:.2e}")
+    assert error < LOGPROB_ATOL
+    unfiltered = max_logprob_error(reference, prompts, rollouts, 0.8)
+    assert unfiltered > 0.01  # the filter really changed the logprobs
