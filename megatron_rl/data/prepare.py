@@ -422,12 +422,8 @@ def prepare(inputs: Sequence[str | Path], output_dir: str | Path, options: Prepa
     mix: list[PromptRow] = []
     for (name, split), split_problems in sorted(kept.items(), key=lambda item: (item[0][0], SPLITS.index(item[0][1]))):
         repeats = options.sample_multiple_for_train if split == "train" else 1
-        rows = [
-            problem.to_row(options.length.draw(rng), split, 0, options.system_prompt)
-            for _ in range(repeats)
-            for problem in split_problems
-        ]
-        rows = [replace(row, index=i) for i, row in enumerate(rows)]
+        repeated = [problem for _ in range(repeats) for problem in split_problems]
+        rows = [p.to_row(options.length.draw(rng), split, i, options.system_prompt) for i, p in enumerate(repeated)]
         file_name = {"train": f"train_{name}", "validation": name, "test": f"{name}_test"}[split] + ".parquet"
         summary.written[file_name] = (name, split, write_rows(output_dir / file_name, rows))
         if split == "train" and rows and TASK_OF_SOURCE[rows[0].data_source] == CHOICE:

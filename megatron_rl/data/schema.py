@@ -22,9 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from megatron_rl.rewards.score import TASK_OF_SOURCE
+from megatron_rl.rewards.score import NO_LENGTH_CONTROL, TASK_OF_SOURCE
 
-NO_LENGTH_CONTROL = -1
 ROLES = ("system", "user", "assistant")
 REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model")
 # A message holding one of these was rendered by a chat template already (Qwen/ChatML,

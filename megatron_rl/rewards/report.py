@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from megatron_rl.data.schema import NO_LENGTH_CONTROL, read_rows
+from megatron_rl.data.schema import NO_LENGTH_CONTROL, PromptRow, read_rows
 from megatron_rl.rewards.score import RewardResult, task_of
 
 
@@ -51,11 +51,7 @@ def rows_from_files(
                     f"(num_tokens={num_tokens}); pass --tokenizer DIR to count tokens or --no-length"
                 )
             used = count_tokens(record["response"]) if isinstance(record["response"], str) else 0
-        rows.append({
-            "row": index, "data_source": spec.data_source, "response": record["response"],
-            "ground_truth": spec.ground_truth, "lower_limit": spec.lower_limit,
-            "upper_limit": spec.upper_limit, "num_tokens": num_tokens, "response_num_tokens": used,
-        })
+        rows.append(_reward_row(index, spec, record["response"], num_tokens, used))
     if not any_row_field and len(rows) != len(specs):
         raise ValueError(
             f"{responses_path} has {len(rows)} responses for {len(specs)} rows of {parquet_path}; "
@@ -70,13 +66,18 @@ def oracle_rows(parquet_path: str | Path, *, use_length: bool = True) -> list[di
     rows = []
     for index, spec in enumerate(read_rows(parquet_path)[0]):
         num_tokens = spec.num_tokens if use_length else NO_LENGTH_CONTROL
-        rows.append({
-            "row": index, "data_source": spec.data_source,
-            "response": f"<think></think><answer>{spec.ground_truth}</answer>",
-            "ground_truth": spec.ground_truth, "lower_limit": spec.lower_limit, "upper_limit": spec.upper_limit,
-            "num_tokens": num_tokens, "response_num_tokens": abs(num_tokens),
-        })
+        response = f"<think></think><answer>{spec.ground_truth}</answer>"
+        rows.append(_reward_row(index, spec, response, num_tokens, abs(num_tokens)))
     return rows
+
+
+def _reward_row(index: int, spec: PromptRow, response: object, num_tokens: int, used: int | None) -> dict[str, object]:
+    """A ``score_batch`` row: parquet row ``index``'s reward fields with one response."""
+    return {
+        "row": index, "data_source": spec.data_source, "response": response, "ground_truth": spec.ground_truth,
+        "lower_limit": spec.lower_limit, "upper_limit": spec.upper_limit, "num_tokens": num_tokens,
+        "response_num_tokens": used,
+    }  # fmt: skip
 
 
 def _jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:

@@ -3,19 +3,14 @@ per-token logprobs and entropy, and the gradients of a logprob + entropy loss.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TEMPERATURE, fixed_batch, free_port, megatron_logprob_grads, megatron_logprobs
+from _helpers import TEMPERATURE, fixed_batch, launch_ranks, megatron_logprob_grads, megatron_logprobs
 from transformers import AutoConfig
 
 WORKER = Path(__file__).resolve().parent / "_tp_worker.py"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def hf_logprobs(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,41 +75,12 @@ def test_megatron_grads_equal_hf(tied, qwen2_dirs, world1) -> None:
     assert_grads_close(megatron_shards_to_hf([[megatron_grads]], config), hf_logprob_grads(qwen2_dirs[tied]))
 
 
-def run_ranks(out_dir: Path, layouts: str, model_dirs: list[Path], world_size: int,
-              timeout_s: float = 75) -> list[dict]:
-    """Launch ``world_size`` worker processes (env:// rendezvous, gloo) and return each rank's results;
-    a hang fails the test after ``timeout_s`` and every worker is killed."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                   PYTHONWARNINGS="ignore")
-        command = [sys.executable, str(WORKER), str(out_dir), layouts, *map(str, model_dirs)]
-        procs.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"worker ranks did not finish within {timeout_s} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}"
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(qwen2_dirs, tmp_path_factory) -> list[dict]:
     """Both checkpoints at TP=2 and at PP=2, from one launch of 2 processes."""
     out_dir = tmp_path_factory.mktemp("two_ranks")
-    return run_ranks(out_dir, "2x1,1x2", [qwen2_dirs[True], qwen2_dirs[False]], world_size=2)
+    return launch_ranks(WORKER, ["2x1,1x2", str(qwen2_dirs[True]), str(qwen2_dirs[False])], out_dir, world_size=2,
+                        timeout_s=75)
 
 
 @pytest.fixture(scope="module")

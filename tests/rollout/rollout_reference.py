@@ -17,6 +17,10 @@ EOS_ID = 1023  # <|im_end|>, the tiny tokenizer's eos (its generation_config add
 STOP_IDS = (1021, 1023)
 
 
+PROMPTS = [[317, 282, 643, 520, 830, 30, 198], [56, 78, 84, 264], [100, 200, 300, 400, 500, 600, 700, 800, 900]]
+"""Prompt token ids every engine test generates from (lengths 7, 4, 9)."""
+
+
 def checkpoint_weights(model_dir: Path) -> list[tuple[str, torch.Tensor]]:
     """All tensors of a checkpoint, HF-named, as the trainer's weight sync would send them."""
     return sorted(load_file(str(model_dir / "model.safetensors")).items())

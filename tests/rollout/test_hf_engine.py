@@ -7,6 +7,7 @@ import pytest
 import torch
 from rollout_reference import (
     LOGPROB_ATOL,
+    PROMPTS,
     STOP_IDS,
     check_renormalised_logprobs,
     checkpoint_weights,
@@ -18,19 +19,12 @@ from rollout_reference import (
 from megatron_rl.rollout import RolloutEngine, SamplingConfig
 from megatron_rl.rollout.hf_engine import TransformersEngine
 
-PROMPTS = [[317, 282, 643, 520, 830, 30, 198], [56, 78, 84, 264], [100, 200, 300, 400, 500, 600, 700, 800, 900]]
-
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
     engine = TransformersEngine(tiny_dir)
     yield engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    return hf_model(tiny_dir)
 
 
 def test_is_a_rollout_engine(engine: TransformersEngine) -> None:

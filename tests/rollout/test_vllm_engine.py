@@ -19,6 +19,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm
 
 from rollout_reference import (  # noqa: E402
     LOGPROB_ATOL,
+    PROMPTS,
     STOP_IDS,
     check_renormalised_logprobs,
     checkpoint_weights,
@@ -29,8 +30,6 @@ from rollout_reference import (  # noqa: E402
 
 from megatron_rl.rollout import RolloutEngine, SamplingConfig  # noqa: E402
 from megatron_rl.rollout.vllm_engine import VLLMEngine  # noqa: E402
-
-PROMPTS = [[317, 282, 643, 520, 830, 30, 198], [56, 78, 84, 264], [100, 200, 300, 400, 500, 600, 700, 800, 900]]
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,6 @@ def engine(tiny_dir, process_state_before):
     process_state_before["rng_state_after_init"] = torch.get_rng_state()
     yield engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    return hf_model(tiny_dir)
 
 
 def test_engine_leaves_threads_rng_and_dtype_alone(engine: VLLMEngine, process_state_before) -> None:
