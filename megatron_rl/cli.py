@@ -1,9 +1,14 @@
 """The ``megatron-rl`` command: one subcommand per job.
 
+    megatron-rl train CONFIG.yaml [--resume auto|never] [section.key=value ...]
     megatron-rl score FILE.parquet --responses FILE.jsonl [--config CFG.yaml] [reward.k=v ...]
     megatron-rl score FILE.parquet --oracle
     megatron-rl score --sample
     megatron-rl prepare-data --input RAW [RAW ...] --output-dir DIR [--do-normal | --num-tokens N | ...]
+    megatron-rl make-tasks --output-dir DIR [--difficulty easy|standard]
+    megatron-rl convert hf-to-megatron HF_DIR OUT_DIR --tp N --pp M | megatron-to-hf CKPT_DIR OUT_DIR
+    megatron-rl eval --model HF_DIR --data FILE [FILE ...] --output-dir OUT
+    megatron-rl plot RUN_DIR
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-rl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="GRPO training run (examples/quickstart.yaml runs on CPU in minutes)")
+    train.add_argument("config", metavar="CONFIG", help="YAML recipe, e.g. examples/quickstart.yaml")
+    train.add_argument("--resume", choices=("auto", "never"), help="same as trainer.resume=...")
+    train.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="config overrides, e.g. trainer.output_dir=runs/a trainer.total_steps=20")
+    train.set_defaults(run=_train)
 
     score = commands.add_parser("score", help="score model responses with the medical reward modules")
     score.add_argument("parquet", nargs="?", help="prompts and ground truths (verl / Med-U1 parquet schema)")
@@ -68,7 +80,69 @@ def _parser() -> argparse.ArgumentParser:
     length.add_argument("--use-both", action="store_true", help="half exact budgets in 100..2000, half none")
     length.add_argument("--use-both-both", action="store_true", help="budgets in 100..2000, half of them maxima")
     prepare.set_defaults(run=_prepare_data)
+
+    tasks = commands.add_parser("make-tasks", help="generate the built-in calculation tasks (train/test parquet)")
+    tasks.add_argument("--output-dir", required=True, metavar="DIR")
+    tasks.add_argument("--num-train", type=int, default=512, metavar="N")
+    tasks.add_argument("--num-test", type=int, default=64, metavar="N")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--kinds", nargs="+", default=["calc", "choice"], help="calc and/or choice")
+    tasks.add_argument("--difficulty", default="easy", help="easy (tiny-model quickstart) or standard (Med-U1 prompts)")
+    tasks.set_defaults(run=_make_tasks)
+
+    plot = commands.add_parser("plot", help="plot RUN_DIR/metrics.jsonl to RUN_DIR/reward.png")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--output", help="PNG path (default: RUN_DIR/reward.png)")
+    plot.set_defaults(run=_plot)
+
+    evaluate = commands.add_parser("eval", help="sample and score an HF model on benchmark parquet files")
+    evaluate.add_argument("--model", required=True, metavar="HF_DIR", help="Hugging Face model directory")
+    evaluate.add_argument("--data", nargs="+", required=True, metavar="FILE", help="benchmark parquet files")
+    evaluate.add_argument("--output-dir", required=True, metavar="OUT",
+                          help="results.jsonl, summary.json/.md, accuracy_vs_budget.png; a rerun resumes here")
+    evaluate.add_argument("--n", type=int, default=1, metavar="K", help="samples per prompt (pass@k up to K)")
+    evaluate.add_argument("--budgets", metavar="B,B,...",
+                          help="length budgets, e.g. 512,1024,2048,3600 ('none': no length instruction)")
+    evaluate.add_argument("--length-mode", default="exact", help="exact or max (budget instruction wording)")
+    evaluate.add_argument("--backend", default="vllm", help="vllm (default) or hf (transformers fallback)")
+    evaluate.add_argument("--temperature", type=float, default=0.2)
+    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--max-tokens", type=int, default=2048)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N rows of each file")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    evaluate.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    evaluate.set_defaults(run=_eval)
+
+    convert = commands.add_parser("convert", help="HF model <-> Megatron checkpoint (any TP/PP), streaming")
+    direction = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    to_megatron = direction.add_parser("hf-to-megatron", help="HF_DIR -> Megatron checkpoint directory")
+    to_megatron.add_argument("source", metavar="HF_DIR")
+    to_megatron.add_argument("out_dir", metavar="OUT_DIR", help="must not exist; written atomically")
+    to_megatron.add_argument("--tp", type=int, default=1, help="tensor-parallel size to lay the shards out for")
+    to_megatron.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (must divide the layers)")
+    to_megatron.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast (default: keep the input's)")
+    to_megatron.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="N")
+    to_hf = direction.add_parser("megatron-to-hf", help="Megatron checkpoint directory -> HF_DIR")
+    to_hf.add_argument("source", metavar="CKPT_DIR")
+    to_hf.add_argument("out_dir", metavar="OUT_DIR", help="must not exist; written atomically")
+    to_hf.add_argument("--hf-config-from", metavar="HF_DIR", help="config.json + tokenizer (default: CKPT_DIR's)")
+    to_hf.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast (default: keep the checkpoint's)")
+    to_hf.add_argument("--max-shard-size-mb", type=int, default=5 * 1024, metavar="MB")
+    for sub in (to_megatron, to_hf):
+        sub.add_argument("--verify", action="store_true",
+                         help="compare Megatron (TP=1, CPU) and transformers logits on a fixed input")
+        sub.set_defaults(run=_convert)
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from megatron_rl.trainer.loop import train
+
+    overrides = list(args.overrides) + ([f"trainer.resume={args.resume}"] if args.resume else [])
+    config = load_config(args.config, overrides)
+    train(config)
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -135,6 +209,82 @@ def _token_counter(tokenizer_dir: str):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _make_tasks(args: argparse.Namespace) -> int:
+    from megatron_rl.data.builtin import make_tasks
+
+    if args.overrides:
+        raise ValueError(f"make-tasks takes no config overrides: {' '.join(args.overrides)}")
+    paths = make_tasks(args.output_dir, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
+                       kinds=args.kinds, difficulty=args.difficulty)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from megatron_rl.trainer.plot import plot_run
+
+    if args.overrides:
+        raise ValueError(f"plot takes no config overrides: {' '.join(args.overrides)}")
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megatron_rl.evaluation import EvalConfig, run_eval
+    from megatron_rl.evaluation.metrics import format_markdown
+
+    # The evaluation scores a response without <answer> tags as a whole; reward.k=v overrides still apply.
+    reward = load_config(None, ["reward.answer_fallback=response", *args.overrides]).reward
+    config = EvalConfig(
+        model=args.model, data=tuple(args.data), output_dir=args.output_dir, n=args.n,
+        budgets=_budgets(args.budgets), length_mode=args.length_mode, backend=args.backend,
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, limit=args.limit,
+        batch_size=args.batch_size, max_model_len=args.max_model_len, reward=reward,
+    )  # fmt: skip
+    summary = run_eval(config)
+    print(format_markdown(summary["benchmarks"], config.n))
+    print(f"wrote results.jsonl, summary.json and summary.md to {args.output_dir}")
+    return 0
+
+
+def _budgets(text: str | None) -> tuple[int | None, ...]:
+    """'512,1024' -> (512, 1024); 'none' -> None (no length instruction)."""
+    if not text:
+        return ()
+    budgets = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if item == "none":
+            budgets.append(None)
+        elif item.isdigit() and int(item) > 0:
+            budgets.append(int(item))
+        else:
+            raise ValueError(f"--budgets item {item!r} must be a positive integer or 'none'")
+    return tuple(budgets)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_rl.checkpoint.convert import hf_to_megatron, megatron_to_hf
+
+    if args.overrides:
+        raise ValueError(f"convert takes no config overrides: {' '.join(args.overrides)}")
+    try:
+        if args.direction == "hf-to-megatron":
+            result = hf_to_megatron(args.source, args.out_dir, args.tp, args.pp, dtype=args.dtype, verify=args.verify,
+                                    make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        else:
+            result = megatron_to_hf(args.source, args.out_dir, hf_config_from=args.hf_config_from, dtype=args.dtype,
+                                    max_shard_bytes=args.max_shard_size_mb * 1024**2, verify=args.verify)
+    except (OSError, KeyError) as err:  # missing / corrupted input, existing output: one clear line too
+        raise ValueError(err.args[0] if isinstance(err, KeyError) and err.args else str(err)) from err
+    print(f"wrote {result.num_tensors} tensors ({result.num_bytes / 1e6:.1f} MB) to {result.out_dir}")
+    if result.max_logit_diff is not None:
+        print(f"verify: max |logit diff| Megatron vs transformers = {result.max_logit_diff:.3g}")
+    return 0
 
 
 if __name__ == "__main__":

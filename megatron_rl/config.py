@@ -22,8 +22,11 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from megatron_rl.cluster.config import ClusterConfig
 from megatron_rl.data.config import DataConfig
+from megatron_rl.megatron.optim import OptimizerSettings
 from megatron_rl.rewards.config import RewardConfig
+from megatron_rl.trainer.config import AlgorithmConfig, ModelConfig, ParallelConfig, RolloutConfig, TrainerConfig
 
 T = TypeVar("T")
 
@@ -40,6 +43,27 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     """Which prompts are read and how they are batched (megatron_rl.data)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="tiny"))
+    """The policy to start from (megatron_rl.trainer.config)."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel sizes of the policy."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How responses are sampled."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Advantages, loss, batch splitting."""
+
+    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """AdamW (megatron_rl.megatron.optim; Med-U1 defaults)."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The loop: steps, output directory, validation, checkpoints, sinks."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray actors for multi-node runs (megatron_rl.cluster; used by its launch and separate engines)."""
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] = Config) -> T:

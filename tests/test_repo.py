@@ -17,7 +17,7 @@ def test_readme_has_exactly_two_setup_commands() -> None:
     commands = readme_commands()
     assert len(commands) == 2, commands
     main_job, tests = commands
-    assert main_job.endswith("megatron-rl score --sample")
+    assert main_job.endswith("megatron-rl train examples/quickstart.yaml")
     assert tests.endswith("python -m pytest")
 
 

@@ -37,12 +37,26 @@ class DataConfig:
     skip_bad_rows: bool = False
     """Leave out rows that do not fit the schema (and report them) instead of stopping at the first."""
 
+    builtin_tasks: str = ""
+    """Train on the project's own generated task set (megatron_rl.data.builtin), written to
+    RUN_DIR/tasks: 'easy' (learnable by a tiny model in minutes) or 'standard' (Med-U1-style
+    prompts); its test split becomes the validation set. '' (default): use train_files/val_files."""
+
+    builtin_num_train: int = 512
+    builtin_num_test: int = 64
+
     def __post_init__(self) -> None:
         for name in ("train_files", "val_files"):
             object.__setattr__(self, name, _check_files(f"data.{name}", getattr(self, name)))
         check_range("data.max_prompt_length", self.max_prompt_length, low=1, integer=True)
         check_range("data.batch_size", self.batch_size, low=1, integer=True)
         check_range("data.seed", self.seed, integer=True)
+        if self.builtin_tasks not in ("", "easy", "standard"):
+            raise ValueError(f"data.builtin_tasks={self.builtin_tasks!r} is not allowed; choose '', 'easy' or 'standard'")
+        if self.builtin_tasks and (self.train_files or self.val_files):
+            raise ValueError("data.builtin_tasks and data.train_files/val_files exclude each other; set one")
+        check_range("data.builtin_num_train", self.builtin_num_train, low=1, integer=True)
+        check_range("data.builtin_num_test", self.builtin_num_test, low=1, integer=True)
         for name in ("shuffle", "drop_last", "skip_bad_rows"):
             _check_bool(f"data.{name}", getattr(self, name))
 

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "GPTShape", "build_gpt_model", "padded_vocab_size", "transformer_config_from_hf"]
+__all__ = [
+    "LAYER_SPECS",
+    "SUPPORTED_MODEL_TYPES",
+    "GPTShape",
+    "build_gpt_model",
+    "padded_vocab_size",
+    "resolve_layer_spec",
+    "transformer_config_from_hf",
+    "transformer_engine_usable",
+]
 
 # model_type -> whether the q/k/v projections carry a bias.
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"qwen2": True, "llama": False}
+
+LAYER_SPECS = ("auto", "local", "te")
+"""``layer_spec`` values of :func:`build_gpt_model`: "local" (Megatron's torch layers, the CPU path),
+"te" (Transformer Engine layers, CUDA only), "auto" ("te" when usable, else "local")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +148,48 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
+def transformer_engine_usable() -> tuple[bool, str]:
+    """Whether the Transformer Engine layer spec can run here: CUDA present and ``transformer_engine``
+    importable. Returns ``(usable, reason)``; ``reason`` says what is missing (empty when usable)."""
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("CUDA is not available")
+    if importlib.util.find_spec("transformer_engine") is None:
+        missing.append("transformer_engine is not installed")
+    return not missing, "; ".join(missing)
+
+
+def resolve_layer_spec(layer_spec: str) -> str:
+    """The concrete layer spec ("local" or "te") for a requested ``layer_spec`` (one of :data:`LAYER_SPECS`).
+
+    "auto" picks "te" when :func:`transformer_engine_usable`, else "local".
+
+    Raises:
+        ValueError: ``layer_spec`` is not one of :data:`LAYER_SPECS`, or is "te" where TE is not usable
+            (the message says what is missing).
+    """
+    if layer_spec not in LAYER_SPECS:
+        raise ValueError(f"layer_spec={layer_spec!r}; allowed: {', '.join(LAYER_SPECS)}")
+    usable, reason = transformer_engine_usable()
+    if layer_spec == "auto":
+        return "te" if usable else "local"
+    if layer_spec == "te" and not usable:
+        raise ValueError(f"layer_spec='te' needs Transformer Engine on a CUDA device: {reason} "
+                         "(use layer_spec='local' or 'auto')")
+    return layer_spec
+
+
+def _layer_spec(resolved: str):
+    """Megatron's ModuleSpec of one decoder layer for a resolved layer spec ("local" or "te")."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if resolved == "te":
+        # TE fuses each pre-norm into the following linear: the norm weights are
+        # self_attention.linear_qkv.layer_norm_weight and mlp.linear_fc1.layer_norm_weight.
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
 def build_gpt_model(
     hf_config: Any,
     *,
@@ -143,24 +199,36 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     make_vocab_size_divisible_by: int = 128,
+    layer_spec: str = "local",
     **config_overrides: Any,
 ):
-    """A Megatron ``GPTModel`` (local spec, RoPE, RMSNorm, SwiGLU) for this rank's TP/PP slice.
+    """A Megatron ``GPTModel`` (RoPE, RMSNorm, SwiGLU) for this rank's TP/PP slice.
 
     The embedding is padded to :func:`padded_vocab_size` rows; ``model.hf_vocab_size`` keeps the HF
     vocabulary size (to cut padded logits and rows later). The logits are vocab-parallel (each TP rank
     holds ``padded_vocab / tp`` columns); see :mod:`megatron_rl.megatron.logprobs`.
+
+    ``layer_spec`` (see :data:`LAYER_SPECS`, :func:`resolve_layer_spec`) picks the decoder layers;
+    ``model.layer_spec`` records the one used. The Transformer Engine layers name the RMSNorm weights
+    differently from the local ones (``linear_qkv.layer_norm_weight`` instead of
+    ``input_layernorm.weight``, ``linear_fc1.layer_norm_weight`` instead of ``pre_mlp_layernorm.weight``)
+    and carry ``_extra_state`` entries; :mod:`megatron_rl.checkpoint.qwen2` (and so the converters and
+    the weight sync) maps the local names only, which is why "local" is the default: "te" and "auto"
+    build a model that the training path cannot load HF weights into yet.
+
+    Raises:
+        ValueError: unsupported HF config, unknown ``layer_spec``, or "te" without TE/CUDA.
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    resolved = resolve_layer_spec(layer_spec)
     shape = GPTShape.from_hf(hf_config)
     config = transformer_config_from_hf(
         hf_config, params_dtype=params_dtype, tp_size=tp_size, pp_size=pp_size, **config_overrides
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=_layer_spec(resolved),
         vocab_size=padded_vocab_size(shape.vocab_size, make_vocab_size_divisible_by, tp_size),
         max_sequence_length=shape.max_position_embeddings,
         pre_process=pre_process,
@@ -171,4 +239,5 @@ def build_gpt_model(
         rotary_base=shape.rope_theta,
     )
     model.hf_vocab_size = shape.vocab_size
+    model.layer_spec = resolved
     return model

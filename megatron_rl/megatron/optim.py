@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["OptimizerSettings", "build_optimizer", "unwrap_ddp", "wrap_ddp"]
+__all__ = ["OptimizerSettings", "build_optimizer", "set_lr", "unwrap_ddp", "wrap_ddp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,11 @@ class OptimizerSettings:
     """AdamW over the policy (defaults: Med-U1's verl recipe; constant learning rate, no warmup)."""
 
     lr: float = 1e-6
-    """Learning rate, constant over training."""
+    """Learning rate, constant over training (after the warmup)."""
+    warmup_steps: int = 0
+    """Raise the learning rate linearly over this many training steps (0: none, as Med-U1). Adam's
+    first steps move every weight by about lr whatever the gradient's size, so noisy RL gradients on
+    a small model benefit from a warmup."""
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -40,6 +44,8 @@ class OptimizerSettings:
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -50,6 +56,10 @@ class OptimizerSettings:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad={self.clip_grad!r} must be >= 0 (0 turns clipping off)")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1-based)."""
+        return self.lr * min(1.0, step / self.warmup_steps) if self.warmup_steps else self.lr
 
     @property
     def uses_bf16(self) -> bool:
@@ -78,6 +88,12 @@ def wrap_ddp(model: torch.nn.Module, settings: OptimizerSettings) -> torch.nn.Mo
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = None
     return ddp_model
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Set the learning rate of every parameter group of a Megatron optimizer."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:

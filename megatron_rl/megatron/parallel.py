@@ -17,6 +17,7 @@ __all__ = [
     "data_parallel_group",
     "destroy_parallel",
     "init_parallel",
+    "model_parallel_group",
     "pipeline_parallel_group",
     "tensor_parallel_group",
 ]
@@ -120,6 +121,13 @@ def data_parallel_group() -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group()
+
+
+def model_parallel_group() -> dist.ProcessGroup:
+    """The TP x PP group of this rank's model replica (after :func:`init_parallel`)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_model_parallel_group()
 
 
 def destroy_parallel() -> None:

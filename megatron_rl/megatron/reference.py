@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from megatron_rl.megatron.forward import forward_logprobs
 from megatron_rl.megatron.optim import unwrap_ddp
 
-__all__ = ["check_reference_matches_policy", "freeze_reference"]
+__all__ = [
+    "check_reference_matches_policy",
+    "freeze_reference",
+    "offload_reference",
+    "onload_reference",
+    "reference_on_device",
+]
 
 
 def freeze_reference(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,3 +56,60 @@ def check_reference_matches_policy(
         raise ValueError(f"policy and reference logprobs differ before the first update (max |diff| {diff:.3e}): "
                          "the two models do not hold the same weights in the same layout")
     return ref_logprobs
+
+
+def _compute_device() -> torch.device:
+    """Where Megatron runs this process's layers: the current CUDA device, or the CPU without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _move(model: torch.nn.Module, device: torch.device) -> int:
+    """Move every parameter and buffer of ``model`` to ``device`` in place (``tensor.data`` is replaced,
+    so the Parameter objects and any references to them stay valid). Host copies are pinned, so the
+    transfer back to the GPU can overlap. Returns the number of tensors that changed device."""
+    moved = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device == device:
+            continue
+        if device.type == "cpu":
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            host.copy_(tensor.data)
+            tensor.data = host
+        else:
+            tensor.data = tensor.data.to(device, non_blocking=True)
+        moved += 1
+    if moved and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return moved
+
+
+def offload_reference(model: torch.nn.Module) -> int:
+    """Move the frozen reference's parameters and buffers to (pinned) CPU memory, freeing their GPU
+    memory between the reference's forwards. Without CUDA they already live on the CPU: nothing moves.
+
+    Returns the number of tensors moved (0 on a CPU-only machine or when already offloaded)."""
+    return _move(model, torch.device("cpu"))
+
+
+def onload_reference(model: torch.nn.Module) -> int:
+    """Move the reference's parameters and buffers back to the compute device (the current CUDA device,
+    or the CPU without CUDA: then nothing moves). Returns the number of tensors moved."""
+    return _move(model, _compute_device())
+
+
+@contextlib.contextmanager
+def reference_on_device(model: torch.nn.Module, *, offload: bool = True) -> Iterator[torch.nn.Module]:
+    """Run the reference's forward on the compute device and, with ``offload``, keep it in CPU memory
+    otherwise::
+
+        with reference_on_device(reference, offload=cfg.offload_reference) as ref:
+            ref_logprobs = forward_logprobs(ref, input_ids, vocab_size=vocab)
+
+    With ``offload=False`` the model is only checked to be on the compute device (onloaded if not).
+    The weights are offloaded again even when the body raises."""
+    onload_reference(model)
+    try:
+        yield model
+    finally:
+        if offload:
+            offload_reference(model)

@@ -14,6 +14,7 @@ exactly that of the global token mean. ``N`` comes from the caller (:func:`count
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,10 @@ from megatron_rl import algorithms
 from megatron_rl.megatron.logprobs import vocab_parallel_logprobs
 from megatron_rl.megatron.parallel import data_parallel_group, pipeline_parallel_group, tensor_parallel_group
 
-__all__ = ["LossSettings", "MicroBatch", "count_valid_tokens", "train_step"]
+__all__ = ["LossSettings", "MicroBatch", "count_valid_sequences", "count_valid_tokens", "train_step"]
+
+LOSS_KINDS = ("ppo", "nll")
+_CLIP_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ppo_kl", "approx_kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +37,17 @@ class MicroBatch:
 
     input_ids: torch.Tensor  # (b, T) prompt + response token ids
     response_mask: torch.Tensor  # (b, T-1) bool: True where the target token is a response token
-    old_logprobs: torch.Tensor  # (b, T-1) logprobs of the policy that sampled (rollout / before the update)
+    old_logprobs: torch.Tensor | None  # (b, T-1) logprobs of the policy before the update; None: on-policy
     advantages: torch.Tensor  # (b, T-1) per-token advantages
     ref_logprobs: torch.Tensor | None = None  # (b, T-1) reference-model logprobs; None: no KL term
+    rollout_logprobs: torch.Tensor | None = None  # (b, T-1) the engine's logprobs; given: the gap is reported
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
-        shaped = {"response_mask": self.response_mask, "old_logprobs": self.old_logprobs,
-                  "advantages": self.advantages}
-        if self.ref_logprobs is not None:
-            shaped["ref_logprobs"] = self.ref_logprobs
+        shaped = {"response_mask": self.response_mask, "advantages": self.advantages}
+        for name in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
+            if getattr(self, name) is not None:
+                shaped[name] = getattr(self, name)
         for name, tensor in shaped.items():
             if tuple(tensor.shape) != (b, t - 1):
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected (b, T-1) = {(b, t - 1)}")
@@ -61,8 +66,21 @@ class LossSettings:
     kl_kind: str = "low_var_kl"
     temperature: float = 1.0
     """The rollout's sampling temperature: logprobs are those of ``softmax(logits / temperature)``."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: ``entropy_coef * entropy`` (aggregated like the loss) is subtracted from the loss."""
+    loss_agg: str = "token-mean"
+    """How per-token losses become one number (:data:`megatron_rl.algorithms.AGGREGATION_MODES`)."""
+    kind: str = "ppo"
+    """'ppo': the clipped policy-gradient loss; 'nll': supervised negative log-likelihood of the
+    response tokens (an SFT step; old_logprobs and advantages are ignored)."""
 
     def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"kind={self.kind!r}; allowed: {', '.join(LOSS_KINDS)}")
+        if self.loss_agg not in algorithms.AGGREGATION_MODES:
+            raise ValueError(f"loss_agg={self.loss_agg!r}; allowed: {', '.join(algorithms.AGGREGATION_MODES)}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"entropy_coef={self.entropy_coef!r} must be >= 0")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0")
         if self.kl_kind not in algorithms.KL_KINDS:
@@ -75,7 +93,16 @@ def count_valid_tokens(micro_batches: Sequence[MicroBatch]) -> int:
     """Valid (response) tokens over these micro-batches and every data-parallel rank (all-reduce SUM).
 
     Every rank of the world must call this (it is collective over the DP group)."""
-    local = sum(int(mb.response_mask.sum()) for mb in micro_batches)
+    return _data_parallel_sum(sum(int(mb.response_mask.sum()) for mb in micro_batches))
+
+
+def count_valid_sequences(micro_batches: Sequence[MicroBatch]) -> int:
+    """Sequences with at least one valid token over these micro-batches and every data-parallel rank
+    (the normaliser of the seq-mean loss aggregations). Collective over the DP group."""
+    return _data_parallel_sum(sum(int(mb.response_mask.any(dim=-1).sum()) for mb in micro_batches))
+
+
+def _data_parallel_sum(local: int) -> int:
     count = torch.tensor([local], dtype=torch.int64)
     group = data_parallel_group()
     if group.size() > 1:
@@ -91,6 +118,7 @@ def train_step(
     global_num_tokens: int,
     vocab_size: int,
     settings: LossSettings = LossSettings(),
+    global_num_seqs: int | None = None,
 ) -> dict[str, float]:
     """Forward + backward over ``micro_batches`` (1F1B when PP > 1), then one clipped optimizer step.
 
@@ -101,11 +129,15 @@ def train_step(
             model replica passes the same ones.
         global_num_tokens: valid tokens over all micro-batches and DP ranks (:func:`count_valid_tokens`);
             the token-mean denominator.
+        global_num_seqs: valid sequences over all micro-batches and DP ranks
+            (:func:`count_valid_sequences`); needed by the seq-mean ``settings.loss_agg`` modes.
         vocab_size: the HF vocabulary size (padded logits are ignored).
 
     Returns:
-        Python floats, the same on every rank: ``loss`` (policy loss + kl_coef * kl, the global token
-        mean), ``pg_loss``, ``kl`` (token mean of the ``kl_kind`` estimate; 0 without a reference),
+        Python floats, the same on every rank: ``loss`` (policy loss + kl_coef * kl - entropy_coef *
+        entropy, aggregated by ``loss_agg``), ``pg_loss`` (the NLL for ``kind='nll'``), ``kl`` (token mean
+        of the ``kl_kind`` estimate; 0 without a reference), ``entropy`` (token mean),
+        ``rollout_logprob_gap`` (token mean of |trainer - engine logprob|; 0 without ``rollout_logprobs``),
         ``clip_frac_low``/``clip_frac_high``/``clip_frac_dual``, ``ppo_kl``, ``approx_kl`` (global token
         means), ``grad_norm`` (before clipping) and ``update_successful`` (1.0 or 0.0).
     """
@@ -129,21 +161,39 @@ def train_step(
         output = stage(ids, positions, None)  # last stage: (b, T, V_padded / tp); others: hidden states
 
         def loss_func(logits: torch.Tensor):
-            logprobs = vocab_parallel_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab_size,
-                                               temperature=settings.temperature, tp_group=tp_group).logprobs
+            logprobs, entropy = vocab_parallel_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab_size,
+                                                        temperature=settings.temperature, tp_group=tp_group,
+                                                        with_entropy=True)
             mask = mb.response_mask.to(device)
-            pg_loss, metrics = algorithms.ppo_clip_loss(
-                logprobs, mb.old_logprobs.to(device), mb.advantages.to(device), mask, clip_low=settings.clip_low,
-                clip_high=settings.clip_high, clip_c=settings.clip_c, global_num_tokens=global_num_tokens)
-            pg = algorithms.aggregate(pg_loss, mask, "token-mean", global_num_tokens=global_num_tokens)
+            token_mean = functools.partial(algorithms.aggregate, mask=mask, mode="token-mean",
+                                           global_num_tokens=global_num_tokens)
+            aggregate = functools.partial(algorithms.aggregate, mask=mask, mode=settings.loss_agg,
+                                          global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+            if settings.kind == "nll":
+                pg = aggregate(-logprobs)
+                metrics = {name: torch.zeros((), device=device) for name in _CLIP_METRICS}
+            else:
+                # On-policy (the first update after sampling): the old policy IS the current one, so its
+                # logprobs are these, detached; no separate forward is needed.
+                old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs.to(device)
+                pg_loss, metrics = algorithms.ppo_clip_loss(
+                    logprobs, old, mb.advantages.to(device), mask,
+                    clip_low=settings.clip_low, clip_high=settings.clip_high, clip_c=settings.clip_c,
+                    global_num_tokens=global_num_tokens)
+                pg = aggregate(pg_loss)
             loss = pg
             if mb.ref_logprobs is not None:
                 kl_tokens = algorithms.kl_penalty(logprobs, mb.ref_logprobs.to(device), settings.kl_kind)
-                kl = algorithms.aggregate(kl_tokens, mask, "token-mean", global_num_tokens=global_num_tokens)
-                loss = loss + settings.kl_coef * kl
+                kl = token_mean(kl_tokens)
+                loss = loss + settings.kl_coef * (kl if settings.loss_agg == "token-mean" else aggregate(kl_tokens))
             else:
                 kl = torch.zeros((), device=device)
-            reported = {"loss": loss.detach(), "pg_loss": pg.detach(), "kl": kl.detach(), **metrics}
+            if settings.entropy_coef:
+                loss = loss - settings.entropy_coef * aggregate(entropy)
+            gap = (torch.zeros((), device=device) if mb.rollout_logprobs is None
+                   else token_mean((logprobs.detach() - mb.rollout_logprobs.to(device)).abs()))
+            reported = {"loss": loss.detach(), "pg_loss": pg.detach(), "kl": kl.detach(),
+                        "entropy": token_mean(entropy.detach()), "rollout_logprob_gap": gap, **metrics}
             return loss * loss_multiplier, reported
 
         return output, loss_func
@@ -161,7 +211,7 @@ def train_step(
     )
     update_successful, grad_norm, _ = optimizer.step()
 
-    names = ("loss", "pg_loss", "kl", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "ppo_kl", "approx_kl")
+    names = ("loss", "pg_loss", "kl", "entropy", "rollout_logprob_gap", *_CLIP_METRICS)
     totals = torch.zeros(len(names), dtype=torch.float64)
     pp_size = pp_group.size()
     if pp_group.rank() == pp_size - 1:  # sum over micro-batches: each value is already divided by N

@@ -47,6 +47,9 @@ INSTALL_HINT = (
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+CPU_MAX_BATCHED_TOKENS = 8192
+"""Tokens per scheduler step on CPU, where chunked prefill is off (at least max_model_len)."""
+
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache size on CPU when none is given (vLLM would otherwise take ~90% of the RAM)."""
 
@@ -122,6 +125,12 @@ class VLLMEngine:
         if kv_cache_memory_bytes is not None:
             check_range("rollout.kv_cache_memory_bytes", kv_cache_memory_bytes, low=1, integer=True)
         enforce_eager = (not on_gpu) if enforce_eager is None else enforce_eager
+        if not on_gpu:
+            # vLLM's CPU build cannot rewind a seeded request's CPU generator when a prompt is prefilled
+            # in chunks ("CPU Generator does not use offset", seen with 64 seeded ~100-token prompts):
+            # prefill whole prompts instead.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, CPU_MAX_BATCHED_TOKENS))
 
         self.sleep_enabled = enable_sleep_mode and on_gpu
         vllm = _import_vllm()
@@ -204,8 +213,8 @@ class VLLMEngine:
         if self._checkpoint_names is not None:
             check_weight_names([name for name, _ in weights], self._checkpoint_names)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        if not torch.cuda.is_available():
-            self.llm.apply_model(_repack_cpu_gemms_that_keep_weights)
+        if not torch.cuda.is_available() and any("embed_tokens" in n or "lm_head" in n for n, _ in weights):
+            self.llm.apply_model(_repack_cpu_gemms_that_keep_weights)  # only they keep (and tie) weights
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -238,6 +247,20 @@ class VLLMEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("VLLMEngine is closed")
+
+    def engine_weights(self) -> dict[str, torch.Tensor]:
+        """HF-named copies of the weights the engine computes with (for the weight sync's exact check).
+
+        Linear layers and the LM head are read through the engine's own GEMM (its ``quant_method``
+        applied to identity rows): on CPU vLLM keeps only a packed copy of them (oneDNN), so this
+        reads back exactly what generation multiplies by, stale packs included; on GPU it is the
+        plain weight. Fused ``qkv_proj`` / ``gate_up_proj`` are split back into q/k/v and gate/up
+        (weights and biases); vocabulary rows beyond the HF vocabulary are cut. The embedding, norms
+        and biases are read as stored. A tied model also returns ``lm_head.weight`` (its packed head).
+        Engine tensor parallelism must be 1.
+        """
+        self._check_open()
+        return self.llm.apply_model(_weights_as_computed)[0]
 
 
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -330,3 +353,44 @@ def _to_rollout(prompt_index: int, sample_index: int, sample: Any, tokenizer: An
         logprobs=logprobs,
         finish_reason=sample.finish_reason,
     )
+
+
+@torch.no_grad()
+def _weights_as_computed(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """See :meth:`VLLMEngine.engine_weights`; runs inside the worker via ``apply_model``."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    packed = getattr(model, "packed_modules_mapping", {})
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if getattr(module, "tp_size", 1) != 1:
+            raise NotImplementedError(f"engine_weights needs tensor_parallel_size=1; {name} is sharded")
+        tensors = {k: p.detach().clone() for k, p in module.named_parameters(recurse=False)}
+        if isinstance(module, (LinearBase, ParallelLMHead)):
+            in_features = module.embedding_dim if isinstance(module, ParallelLMHead) else module.input_size
+            tensors["weight"] = _probe_gemm(module, in_features)
+        if isinstance(module, VocabParallelEmbedding):
+            tensors["weight"] = tensors["weight"][: module.org_vocab_size]
+        prefix, _, leaf = name.rpartition(".")
+        for kind, tensor in tensors.items():
+            if leaf in packed:
+                parts = tensor.split(list(module.output_sizes), dim=0)
+                for hf_leaf, part in zip(packed[leaf], parts, strict=True):
+                    out[f"{prefix}.{hf_leaf}.{kind}"] = part.contiguous()
+            else:
+                out[f"{name}.{kind}"] = tensor
+    return out
+
+
+def _probe_gemm(module: torch.nn.Module, in_features: int, chunk: int = 4096) -> torch.Tensor:
+    """The (out, in) weight a layer multiplies by: its GEMM applied to identity rows, without bias
+    (exact: each output is one weight times 1 plus zeros)."""
+    weight = module.weight
+    columns = []
+    for start in range(0, in_features, chunk):
+        rows = min(chunk, in_features - start)
+        eye = torch.zeros(rows, in_features, dtype=weight.dtype, device=weight.device)
+        eye[:, start : start + rows].fill_diagonal_(1)
+        columns.append(module.quant_method.apply(module, eye, None).t())
+    return torch.cat(columns, dim=1).contiguous()

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from transformers import AutoConfig
 
 from megatron_rl.checkpoint import qwen2
-from megatron_rl.megatron.model import GPTShape, build_gpt_model, padded_vocab_size, transformer_config_from_hf
+from megatron_rl.megatron import model as model_module
+from megatron_rl.megatron.model import (
+    GPTShape,
+    build_gpt_model,
+    padded_vocab_size,
+    resolve_layer_spec,
+    transformer_config_from_hf,
+)
 
 
 def test_padded_vocab_size_by_hand() -> None:
@@ -49,9 +56,67 @@ def test_unknown_model_type_is_named() -> None:
 def test_built_model_has_the_converter_names_and_padded_vocab(variant, qwen2_dirs, llama_dir, world1) -> None:
     path = {"qwen2-tied": qwen2_dirs[True], "qwen2-untied": qwen2_dirs[False], "llama": llama_dir}[variant]
     hf = AutoConfig.from_pretrained(path)
-    model = build_gpt_model(hf)
+    model = build_gpt_model(hf, layer_spec="local")
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(qwen2.megatron_param_names(hf))
     assert params["embedding.word_embeddings.weight"].shape == (1152, 128)  # 1030 padded to 9 * 128
     assert model.hf_vocab_size == 1030
     assert model.share_embeddings_and_output_weights == (variant == "qwen2-tied")
+    assert model.layer_spec == "local"
+
+
+def test_auto_layer_spec_follows_transformer_engine_availability(monkeypatch) -> None:
+    monkeypatch.setattr(model_module, "transformer_engine_usable", lambda: (True, ""))
+    assert resolve_layer_spec("auto") == "te" and resolve_layer_spec("te") == "te"
+    monkeypatch.setattr(model_module, "transformer_engine_usable", lambda: (False, "CUDA is not available"))
+    assert resolve_layer_spec("auto") == "local" and resolve_layer_spec("local") == "local"
+
+
+def test_unknown_layer_spec_is_named() -> None:
+    with pytest.raises(ValueError, match=r"layer_spec='fused'; allowed: auto, local, te"):
+        resolve_layer_spec("fused")
+
+
+def test_te_layer_spec_without_cuda_is_a_clear_error(qwen2_dirs, monkeypatch) -> None:
+    # Whatever this machine has, with CUDA reported absent "te" must refuse and say why.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"layer_spec='te' needs Transformer Engine on a CUDA device: "
+                                         r"CUDA is not available"):
+        build_gpt_model(AutoConfig.from_pretrained(qwen2_dirs[True]), layer_spec="te")
+
+
+# Local-spec name -> Transformer Engine name of the two RMSNorm weights that TE fuses into the next linear.
+TE_NORM_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def _te_name(local_name: str) -> str:
+    for local, te in TE_NORM_NAMES.items():
+        if local_name.endswith(local):
+            return local_name[: -len(local)] + te
+    return local_name
+
+
+@pytest.mark.gpu
+def test_te_model_matches_the_local_model(qwen2_dirs, world1) -> None:
+    from megatron_rl.megatron.forward import forward_logprobs
+
+    hf = AutoConfig.from_pretrained(qwen2_dirs[False])
+    local = build_gpt_model(hf, layer_spec="local")
+    qwen2.load_hf_into_model(local, _hf_state(qwen2_dirs[False]), hf, tp_rank=0, tp_size=1)
+    te = build_gpt_model(hf, layer_spec="te")
+    assert te.layer_spec == "te" and resolve_layer_spec("auto") == "te"
+    te_names = {name for name, _ in te.named_parameters()}
+    assert te_names == {_te_name(name) for name, _ in local.named_parameters()}
+    result = te.load_state_dict({_te_name(name): value for name, value in local.state_dict().items()}, strict=False)
+    assert not result.unexpected_keys and all(key.endswith("_extra_state") for key in result.missing_keys)
+    ids = torch.randint(0, hf.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    local_logprobs = forward_logprobs(local.eval(), ids, vocab_size=hf.vocab_size).logprobs
+    te_logprobs = forward_logprobs(te.eval(), ids, vocab_size=hf.vocab_size).logprobs
+    torch.testing.assert_close(te_logprobs, local_logprobs, atol=1e-3, rtol=0)  # TE's fp32 GEMMs may use TF32
+
+
+def _hf_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))

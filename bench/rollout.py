@@ -1,0 +1,117 @@
+"""Rollout speed: generated tokens/second of the vLLM engine against transformers ``generate``.
+
+    .venv/bin/python bench/rollout.py [--threads 2] [--prompts 16] [--n 4] [--max-tokens 64] [--dtype float32]
+
+Same run, same model (the tiny Qwen2 of megatron_rl.testing, random weights, or ``--model-dir``), same
+prompts (random token ids, 8-32 tokens, seeded), same sampling (temperature 1, top_p 1, ``--n`` samples
+per prompt, at most ``--max-tokens`` tokens, stop on EOS). vLLM runs through
+:class:`~megatron_rl.rollout.vllm_engine.VLLMEngine` (in-process, continuous batching); the baseline is
+one batched transformers ``generate`` call over all prompts (left padding, ``num_return_sequences=n``).
+Tokens are the response tokens each produced (up to and including EOS); the best of ``--repeats`` runs
+counts. Prints both rates and their ratio (vLLM / transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+def make_prompts(num_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(8, 32))] for _ in range(num_prompts)]
+
+
+def best_rate(run, repeats: int) -> tuple[float, int]:
+    """(tokens/s, tokens) of the fastest of ``repeats`` calls to ``run() -> tokens``."""
+    best = (0.0, 0)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run()
+        rate = tokens / (time.perf_counter() - start)
+        best = max(best, (rate, tokens))
+    return best
+
+
+def transformers_run(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, stop_ids: list[int]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+    pad = stop_ids[0]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    @torch.no_grad()
+    def run() -> int:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                             top_k=0, max_new_tokens=args.max_tokens, num_return_sequences=args.n,
+                             eos_token_id=stop_ids, pad_token_id=pad)[:, width:]
+        tokens = 0
+        for row in out.tolist():  # count up to and including the first stop token
+            stops = [i for i, t in enumerate(row) if t in stop_ids]
+            tokens += stops[0] + 1 if stops else len(row)
+        return tokens
+
+    return run, sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-dir", type=Path, help="an HF checkpoint (default: the tiny test model)")
+    args = parser.parse_args()
+
+    import torch
+
+    from megatron_rl.rollout import SamplingConfig
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+    from megatron_rl.testing import tiny_model
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or tiny_model(Path(tmp) / "tiny")
+        engine = VLLMEngine(model_dir, dtype=args.dtype, max_model_len=512, seed=0)
+        torch.set_num_threads(args.threads)
+        stop_ids = _stop_ids(model_dir)
+        prompts = make_prompts(args.prompts, engine.vocab_size - 3)  # not the special tokens
+        sampling = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
+
+        def vllm_run() -> int:
+            return sum(len(r.token_ids) for r in engine.generate(prompts, sampling))
+
+        vllm_run()  # warm-up
+        vllm_rate, vllm_tokens = best_rate(vllm_run, args.repeats)
+        hf, params = transformers_run(model_dir, prompts, args, stop_ids)
+        hf()  # warm-up
+        hf_rate, hf_tokens = best_rate(hf, args.repeats)
+    print(f"model: {params / 1e6:.1f}M params ({args.dtype}), {args.prompts} prompts x n={args.n}, "
+          f"<= {args.max_tokens} tokens, temperature 1, {args.threads} threads")
+    print(f"vLLM engine:            {vllm_rate:8.0f} tokens/s ({vllm_tokens} tokens)")
+    print(f"transformers generate:  {hf_rate:8.0f} tokens/s ({hf_tokens} tokens)")
+    print(f"ratio vLLM / transformers: {vllm_rate / hf_rate:.2f}x")
+    os._exit(0)  # skip vLLM's shutdown at exit
+
+
+def _stop_ids(model_dir: Path) -> list[int]:
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The phases of a step that run on the rollout engine's rank (generate, score, validate), the
+SFT warm-up, and writing models out. Each takes the :class:`~megatron_rl.trainer.loop.Trainer`."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.config import to_yaml
+from megatron_rl.data.dataset import PromptExample
+from megatron_rl.rewards import RewardResult, score_batch
+from megatron_rl.rollout.base import Rollout, SamplingConfig
+from megatron_rl.trainer.batch import RolloutBatch, pack_rollouts
+from megatron_rl.trainer.metrics import PhaseTimer
+
+if TYPE_CHECKING:
+    from megatron_rl.trainer.loop import Trainer
+
+SFT_MODEL = "sft_model"
+"""RUN_DIR/sft_model: the model after the SFT warm-up (HF), the start of RL and its reference."""
+
+
+def generate_and_score(tr: Trainer, step: int, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
+    """Sample this replica's prompts, generate ``n`` responses each, score them; with dynamic
+    sampling, keep only groups whose rewards differ and sample more prompts until the batch is full."""
+    cfg = tr.cfg
+    if cfg.trainer.replay_rollouts:
+        prompts, rollouts = _replay(tr, step)
+        with timer("score"):
+            results = _score(tr, prompts, rollouts)
+        return _finish(tr, prompts, rollouts, results, rounds=1)
+    alg, n = cfg.algorithm, cfg.rollout.n
+    kept_prompts: list[PromptExample] = []
+    kept_rollouts: list[Rollout] = []
+    kept_results: list[RewardResult] = []
+    dropped: list[tuple[PromptExample, list[Rollout], list[RewardResult]]] = []
+    want = cfg.data.batch_size // tr.info.dp_size
+    rounds = 0
+    while len(kept_prompts) < want and rounds < alg.max_sampling_rounds:
+        prompts = tr.local_prompts(next(iter(tr.sampler)))
+        sampling = SamplingConfig(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_response_length,
+                                  seed=_sampling_seed(tr, step, rounds, len(prompts) * n))
+        with timer("generate"):
+            rollouts = tr.engine.generate([list(p.prompt_token_ids) for p in prompts], sampling)
+        with timer("score"):
+            results = _score(tr, prompts, rollouts)
+        rounds += 1
+        for index, prompt in enumerate(prompts):
+            group = rollouts[index * n : (index + 1) * n]
+            group_results = results[index * n : (index + 1) * n]
+            if alg.dynamic_sampling and len({r.total for r in group_results}) == 1:
+                dropped.append((prompt, group, group_results))
+                continue
+            if len(kept_prompts) < want:
+                _append_group(kept_prompts, kept_rollouts, kept_results, prompt, group, group_results)
+        if not alg.dynamic_sampling:
+            break
+    fill = want - len(kept_prompts)  # dynamic sampling ran out of rounds: equal-reward groups fill the rest
+    for prompt, group, group_results in dropped[:fill]:
+        _append_group(kept_prompts, kept_rollouts, kept_results, prompt, group, group_results)
+    if tr.cfg.trainer.rollout_only:
+        _save_rollouts(tr, step, kept_prompts, kept_rollouts, kept_results)
+    metrics_extra = {"sampling/rounds": float(rounds), "sampling/equal_reward_groups": float(len(dropped))}
+    batch, metrics = _finish(tr, kept_prompts, kept_rollouts, kept_results, rounds=rounds)
+    return batch, {**metrics, **metrics_extra}
+
+
+def _append_group(prompts, rollouts, results, prompt, group: Sequence[Rollout], group_results) -> None:
+    index = len(prompts)
+    prompts.append(prompt)
+    rollouts.extend(Rollout(index, r.sample_index, r.token_ids, r.text, r.logprobs, r.finish_reason) for r in group)
+    results.extend(group_results)
+
+
+def _sampling_seed(tr: Trainer, step: int, round_index: int, width: int) -> int:
+    """A seed per (run seed, step, sampling round, DP rank); request j then uses seed + j."""
+    slot = ((tr.cfg.trainer.seed * 100_003 + step) * 16 + round_index) * 1024 + tr.info.dp_rank
+    return slot * width
+
+
+def _score(tr: Trainer, prompts: Sequence[PromptExample], rollouts: Sequence[Rollout]) -> list[RewardResult]:
+    rows = []
+    for rollout in rollouts:
+        row = prompts[rollout.prompt_index].row
+        rows.append({"data_source": row.data_source, "response": rollout.text, "ground_truth": row.ground_truth,
+                     "lower_limit": row.lower_limit, "upper_limit": row.upper_limit, "num_tokens": row.num_tokens,
+                     "response_num_tokens": len(rollout.token_ids)})
+    return score_batch(rows, config=tr.cfg.reward)
+
+
+def _finish(tr: Trainer, prompts, rollouts, results, *, rounds: int) -> tuple[RolloutBatch, dict[str, float]]:
+    pad_id = tr.tokenizer.pad_token_id if tr.tokenizer.pad_token_id is not None else tr.tokenizer.eos_token_id
+    batch = pack_rollouts([p.prompt_token_ids for p in prompts], rollouts, [r.total for r in results], pad_id=pad_id)
+    return batch, reward_metrics(prompts, rollouts, results, batch)
+
+
+def reward_metrics(prompts, rollouts, results: Sequence[RewardResult], batch: RolloutBatch) -> dict[str, float]:
+    """Reward mean/std and each part's mean, accuracy per data source, response lengths."""
+    totals = torch.tensor([r.total for r in results], dtype=torch.float64)
+    metrics = {"reward/mean": float(totals.mean()), "reward/std": float(totals.std()) if len(totals) > 1 else 0.0}
+    for part in ("format", "correctness", "length"):
+        metrics[f"reward/{part}/mean"] = sum(getattr(r, part) for r in results) / len(results)
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for rollout, result in zip(rollouts, results, strict=True):
+        by_source[prompts[rollout.prompt_index].row.data_source].append(result.valid)
+    for source, valid in sorted(by_source.items()):
+        metrics[f"acc/{source}"] = sum(valid) / len(valid)
+    metrics["acc/all"] = sum(r.valid for r in results) / len(results)
+    lengths = batch.response_lengths.double()
+    metrics.update({"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+                    "response_length/clip_ratio": float(batch.truncated.double().mean())})
+    return metrics
+
+
+def validate(tr: Trainer) -> dict[str, float]:
+    """Answers to the validation prompts at ``rollout.val_temperature`` (greedy by default), scored:
+    ``val/test_acc/<source>`` (the 0/1 validation score) and ``val/test_score/<source>`` (the reward)."""
+    cfg = tr.cfg
+    examples = tr.val_set.examples[: cfg.trainer.val_limit or None]
+    sampling = SamplingConfig(n=1, temperature=cfg.rollout.val_temperature, max_tokens=cfg.rollout.max_response_length,
+                              seed=cfg.trainer.seed)
+    rollouts = tr.engine.generate([list(e.prompt_token_ids) for e in examples], sampling)
+    results = _score(tr, examples, rollouts)
+    by_source: dict[str, list[RewardResult]] = defaultdict(list)
+    for rollout, result in zip(rollouts, results, strict=True):
+        by_source[examples[rollout.prompt_index].row.data_source].append(result)
+    metrics = {}
+    for source, source_results in sorted(by_source.items()):
+        metrics[f"val/test_acc/{source}"] = sum(r.valid for r in source_results) / len(source_results)
+        metrics[f"val/test_score/{source}"] = sum(r.total for r in source_results) / len(source_results)
+    metrics["val/test_acc/all"] = sum(r.valid for r in results) / len(results)
+    metrics["val/response_length/mean"] = sum(len(r.token_ids) for r in rollouts) / len(rollouts)
+    return metrics
+
+
+# ---------------------------------------------------------------------- debug modes
+
+
+def _save_rollouts(tr: Trainer, step: int, prompts, rollouts, results) -> None:
+    """Rollout-only mode: append this step's responses to RUN_DIR/rollouts.jsonl (rank 0)."""
+    if not tr.is_main:
+        return
+    with open(tr.rollout_file, "a", encoding="utf-8") as handle:
+        for rollout, result in zip(rollouts, results, strict=True):
+            prompt = prompts[rollout.prompt_index]
+            handle.write(json.dumps({
+                "step": step, "file": Path(prompt.file).name, "row_index": prompt.row_index,
+                "prompt_token_ids": list(prompt.prompt_token_ids), "prompt_index": rollout.prompt_index,
+                "sample_index": rollout.sample_index, "token_ids": list(rollout.token_ids),
+                "logprobs": list(rollout.logprobs), "finish_reason": rollout.finish_reason, "text": rollout.text,
+                "reward": result.total,
+            }) + "\n")
+
+
+def _replay(tr: Trainer, step: int) -> tuple[list[PromptExample], list[Rollout]]:
+    """Train-only mode: the rollouts that rollout-only mode saved for ``step`` (rescored)."""
+    from megatron_rl.trainer.metrics import read_metrics
+
+    records = [r for r in read_metrics(tr.cfg.trainer.replay_rollouts) if r.get("step") == step]
+    if not records:
+        raise ValueError(f"trainer.replay_rollouts={tr.cfg.trainer.replay_rollouts!r} holds no rollouts of step {step}")
+    by_key = {(Path(e.file).name, e.row_index): e for e in tr.train_set.examples}
+    prompts: list[PromptExample] = []
+    index_of: dict[int, int] = {}
+    rollouts = []
+    for record in sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"])):
+        key = (record["file"], record["row_index"])
+        if key not in by_key or list(by_key[key].prompt_token_ids) != record["prompt_token_ids"]:
+            raise ValueError(f"replayed rollout of step {step} names row {record['row_index']} of {record['file']!r}, "
+                             "which this run's training data does not hold (or holds with another prompt)")
+        if record["prompt_index"] not in index_of:
+            index_of[record["prompt_index"]] = len(prompts)
+            prompts.append(by_key[key])
+        rollouts.append(Rollout(index_of[record["prompt_index"]], record["sample_index"], tuple(record["token_ids"]),
+                                record["text"], tuple(record["logprobs"]), record["finish_reason"]))
+    return prompts, rollouts
+
+
+# ---------------------------------------------------------------------- SFT warm-up and exports
+
+
+def sft_model_dir(run_dir: Path) -> Path:
+    return run_dir / SFT_MODEL
+
+
+def sft_warmup(tr: Trainer, out_dir: Path) -> None:
+    """``trainer.sft_warmup_steps`` supervised steps on reference responses to training prompts, then
+    the model is written to ``out_dir`` (HF) as the start of RL and its reference.
+
+    The responses teach the answer FORMAT only: each one answers with the ground truth of another
+    prompt of the same data source (a seeded shuffle), so whether an answer is right is left for RL
+    to learn. Runs on every rank (collective)."""
+    from dataclasses import replace
+
+    from megatron_rl.data.builtin import sft_examples
+    from megatron_rl.megatron.optim import build_optimizer
+    from megatron_rl.megatron.train_step import LossSettings, MicroBatch, count_valid_tokens, train_step
+
+    cfg = tr.cfg
+    rng = random.Random(cfg.trainer.seed)
+    examples = list(tr.train_set.examples)
+    truths: dict[str, list[str]] = defaultdict(list)
+    for example in examples:
+        truths[example.row.data_source].append(example.row.ground_truth)
+    for values in truths.values():
+        rng.shuffle(values)
+    rows = [replace(e.row, ground_truth=truths[e.row.data_source].pop()) for e in examples]
+    targets = [text for _, text in sft_examples(rows)]
+    eos = tr.tokenizer.eos_token_id
+    sequences = []
+    for example, target in zip(examples, targets, strict=True):
+        response = tr.tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        sequences.append(Rollout(len(sequences), 0, tuple(response), target, (0.0,) * len(response), "stop"))
+    prompts = [e.prompt_token_ids for e in examples]
+    optimizer = build_optimizer(tr.policy, replace(cfg.optim, lr=cfg.trainer.sft_lr))
+    per_step = cfg.data.batch_size * cfg.rollout.n // tr.info.dp_size
+    settings = LossSettings(kind="nll", kl_coef=0.0)
+    order = list(range(len(sequences)))
+    rng.shuffle(order)
+    for step in range(cfg.trainer.sft_warmup_steps):
+        start = (step * per_step) % len(order)
+        chosen = [order[(start + i) % len(order)] for i in range(per_step)]
+        picked = [sequences[i] for i in chosen]
+        picked = [Rollout(j, 0, r.token_ids, r.text, r.logprobs, "stop") for j, r in enumerate(picked)]
+        batch = pack_rollouts([prompts[i] for i in chosen], picked, [0.0] * len(picked), pad_id=eos)
+        zeros = torch.zeros_like(batch.rollout_logprobs)
+        micro = [MicroBatch(batch.input_ids[rows], batch.response_mask[rows], zeros[rows], zeros[rows])
+                 for rows in torch.arange(len(batch)).split(cfg.algorithm.micro_batch_size)]
+        result = train_step(tr.policy, optimizer, micro, global_num_tokens=count_valid_tokens(micro),
+                            vocab_size=tr.hf_config.vocab_size, settings=settings)
+        if tr.is_main:
+            print(f"sft warm-up step {step + 1}/{cfg.trainer.sft_warmup_steps}: nll {result['loss']:.3f}", flush=True)
+    export_hf(tr, out_dir)
+
+
+def export_hf(tr: Trainer, out_dir: Path) -> None:
+    """Write the policy as a Hugging Face model directory (collective; rank 0 writes, atomically)."""
+    from megatron_rl.checkpoint.convert import write_hf_checkpoint
+
+    tensors = (item for bucket in tr.sync.buckets() for item in bucket)  # streamed: one bucket at a time
+    if tr.is_main:
+        if out_dir.is_dir():  # an earlier export of this run (re-run after the end): the checkpoints hold the truth
+            shutil.rmtree(out_dir)
+        write_hf_checkpoint(out_dir, tensors, tr.hf_config, tokenizer_dir=tr.inputs.model_dir)
+    else:
+        for _ in tensors:  # the other ranks take part in the gathers
+            pass
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()  # the directory exists for every rank once this returns
+
+
+def write_checkpoint_metadata(path: Path, cfg, model_dir: Path) -> None:
+    """Next to a run checkpoint: the resolved config and the model's HF config and tokenizer, so the
+    converter can turn it into a Hugging Face model with no other input."""
+    from megatron_rl.checkpoint.hf_io import write_model_metadata
+
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    write_model_metadata(path, model_dir)
+

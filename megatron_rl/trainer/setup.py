@@ -1,0 +1,175 @@
+"""Building what a run needs: inputs (model dir, task files), policy, reference, engine, weight sync."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.config import Config, to_yaml
+from megatron_rl.megatron.optim import wrap_ddp
+from megatron_rl.megatron.parallel import ParallelInfo
+from megatron_rl.trainer.config import TINY_MODEL
+
+__all__ = ["RunInputs", "build_engine", "build_policy", "build_reference", "prepare_inputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    model_dir: Path
+    train_files: tuple[str, ...]
+    val_files: tuple[str, ...]
+
+
+def prepare_inputs(cfg: Config, run_dir: Path, info: ParallelInfo) -> RunInputs:
+    """Rank 0 creates the run directory, the tiny model and the built-in tasks when the config asks
+    for them (each written whole, then renamed into place; reused when present) and the resolved
+    config.yaml; the other ranks wait for it."""
+    model_dir = run_dir / "tiny_model" if cfg.model.path == TINY_MODEL else Path(cfg.model.path)
+    tasks_dir = run_dir / "tasks"
+    difficulty = cfg.data.builtin_tasks
+    names = (f"train_builtin_{difficulty}.parquet", f"builtin_{difficulty}_test.parquet")
+    if info.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if cfg.model.path == TINY_MODEL and not model_dir.is_dir():
+            from megatron_rl.testing import tiny_model
+
+            _build_then_rename(model_dir, lambda tmp: tiny_model(tmp, seed=cfg.model.tiny_seed,
+                                                                 num_hidden_layers=cfg.model.tiny_layers))
+        if difficulty and not tasks_dir.is_dir():
+            from megatron_rl.data.builtin import make_tasks
+
+            _build_then_rename(tasks_dir, lambda tmp: make_tasks(
+                tmp, num_train=cfg.data.builtin_num_train, num_test=cfg.data.builtin_num_test,
+                seed=cfg.data.seed, difficulty=difficulty))
+    _barrier()
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model.path={str(model_dir)!r} is not a Hugging Face model directory (no config.json)")
+    if difficulty:
+        return RunInputs(model_dir, (str(tasks_dir / names[0]),), (str(tasks_dir / names[1]),))
+    if not cfg.data.train_files:
+        raise ValueError("data.train_files is empty; name parquet files or set data.builtin_tasks=easy")
+    return RunInputs(model_dir, cfg.data.train_files, cfg.data.val_files)
+
+
+def _build_then_rename(final: Path, build) -> None:
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    os.replace(tmp, final)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load_tokenizer_and_config(model_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
+
+
+def _build_stage(cfg: Config, hf_config: Any, model_dir: Path, info: ParallelInfo) -> torch.nn.Module:
+    """This rank's GPTModel stage holding ``model_dir``'s weights."""
+    from megatron_rl.checkpoint.qwen2 import load_hf_into_model
+    from megatron_rl.megatron.model import build_gpt_model
+
+    dtype = torch.bfloat16 if cfg.optim.uses_bf16 else torch.float32
+    model = build_gpt_model(hf_config, params_dtype=dtype, tp_size=info.tp_size, pp_size=info.pp_size,
+                            pre_process=info.pp_rank == 0, post_process=info.pp_rank == info.pp_size - 1)
+    load_hf_into_model(model, _hf_state(model_dir), hf_config, tp_rank=info.tp_rank, tp_size=info.tp_size,
+                       pp_rank=info.pp_rank, pp_size=info.pp_size)
+    return model
+
+
+def _hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's safetensors files (one or an indexed set)."""
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} holds no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def load_weights(policy: torch.nn.Module, optimizer: Any, model_dir: Path, hf_config: Any, info: ParallelInfo) -> None:
+    """Copy ``model_dir``'s weights into the policy in place and into the optimizer's fp32 master
+    copies (bf16 training keeps those apart from the model's parameters)."""
+    from megatron_rl.checkpoint.qwen2 import load_hf_into_model
+    from megatron_rl.megatron.optim import unwrap_ddp
+
+    load_hf_into_model(unwrap_ddp(policy), _hf_state(model_dir), hf_config, tp_rank=info.tp_rank,
+                       tp_size=info.tp_size, pp_rank=info.pp_rank, pp_size=info.pp_size)
+    reload = getattr(optimizer, "reload_model_params", None)
+    if reload is not None:
+        reload()
+
+
+def build_policy(cfg: Config, hf_config: Any, model_dir: Path, info: ParallelInfo) -> torch.nn.Module:
+    """The trainable policy stage, wrapped in Megatron's DDP."""
+    return wrap_ddp(_build_stage(cfg, hf_config, model_dir, info), cfg.optim)
+
+
+def build_reference(cfg: Config, hf_config: Any, model_dir: Path, info: ParallelInfo) -> torch.nn.Module:
+    """The frozen reference (the model RL starts from), same layout as the policy."""
+    from megatron_rl.megatron.reference import freeze_reference
+
+    return freeze_reference(_build_stage(cfg, hf_config, model_dir, info))
+
+
+def build_engine(cfg: Config, model_dir: Path, info: ParallelInfo):
+    """This rank's rollout engine (vLLM by default). Colocated, every rank starts one: vLLM creates
+    its process groups collectively over the trainer's world; only each replica's first rank
+    generates with it. Separate, each replica's first rank connects to an engine actor (Ray) and
+    the other ranks hold none."""
+    if cfg.rollout.mode == "separate":
+        if not (info.tp_rank == 0 and info.pp_rank == 0):
+            return None
+        from megatron_rl.cluster.engine import connect_engine
+
+        return connect_engine(cfg, model_dir)
+    max_len = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    if cfg.rollout.backend == "hf":
+        from megatron_rl.rollout.hf_engine import TransformersEngine
+
+        return TransformersEngine(model_dir)
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    kv_bytes = None if torch.cuda.is_available() else int(cfg.rollout.kv_cache_gib * (1 << 30))
+    return VLLMEngine(model_dir, max_model_len=max_len, kv_cache_memory_bytes=kv_bytes, seed=cfg.trainer.seed,
+                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                      enable_sleep_mode=cfg.rollout.enable_sleep_mode)
+
+
+def build_weight_sync(cfg: Config, policy: torch.nn.Module, hf_config: Any):
+    from megatron_rl.weight_sync import WeightSync
+
+    # the engine's dtype: VLLMEngine computes in bf16 on GPU and fp32 on CPU
+    return WeightSync(policy, hf_config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
+def progress_bar(cfg, initial: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.total_steps, initial=initial, desc="train", unit="step",
+                disable=not (enabled and cfg.progress_bar), dynamic_ncols=True)
+
+
+def finish(run_dir: Path) -> None:
+    """Write the reward plot and say where everything is."""
+    from megatron_rl.trainer.plot import plot_run
+
+    png = plot_run(run_dir)
+    print(f"metrics: {run_dir / 'metrics.jsonl'}\nplot:    {png}\n"
+          f"hf:      {run_dir / 'hf' if (run_dir / 'hf').is_dir() else '(not exported)'}\n"
+          f"checkpoints: {run_dir / 'checkpoints'}", flush=True)

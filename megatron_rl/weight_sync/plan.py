@@ -1,0 +1,168 @@
+"""The conversion plan of a weight sync: which Megatron parameter becomes which HF tensors, and the buckets.
+
+Pure code (no process groups): :class:`~megatron_rl.weight_sync.sync.WeightSync` computes the plan once
+per model and streams every sync through it. The names, split kinds and layouts come from the checkpoint
+map (:mod:`megatron_rl.checkpoint.qwen2`, one source of truth); this module only adds what streaming
+needs: the HF shapes of every parameter (found by running the map's own un-sharding on meta tensors),
+the fused groups that must travel together, and bucket boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from megatron_rl.checkpoint.qwen2 import OUTPUT_LAYER, _check_same, _from_shards, _stage_names
+from megatron_rl.megatron.model import GPTShape
+from megatron_rl.rollout.vllm_engine import FUSED_GROUPS
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "Entry", "Plan", "build_plan", "fused_key", "pack_buckets"]
+
+DEFAULT_BUCKET_BYTES = 512 << 20
+"""Bytes per bucket handed to the engine in one ``load_weights`` call (a larger unit goes alone)."""
+
+_PROJ = re.compile(r"^(?P<prefix>.*\.)(?P<proj>[a-z_]+_proj)\.(?:weight|bias)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Megatron parameter of the model replica and the full HF tensors it becomes.
+
+    ``shard_shape`` is the shape on each TP rank of stage ``stage``; ``hf_shapes`` are the shapes of
+    ``hf_names`` after the TP gather, un-fusing and vocabulary cut.
+    """
+
+    stage: int
+    megatron_name: str
+    hf_names: tuple[str, ...]
+    kind: str
+    shard_shape: tuple[int, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+
+    def num_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the HF tensors of this entry in ``dtype``."""
+        return sum(_numel(s) for s in self.hf_shapes) * dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a sync needs that does not change between syncs.
+
+    ``entries`` lists the exported parameters in stream order (stage by stage, map order); with tied
+    embeddings the last stage's copy of the embedding is left out (the engine ties its head to the
+    embedding). ``tied_copy`` is that copy's entry (None without one), kept for the exact check.
+    ``buckets`` holds indices into ``entries``; each bucket is one ``load_weights`` call.
+    """
+
+    shape: GPTShape
+    tp_size: int
+    pp_size: int
+    dtype: torch.dtype
+    bucket_bytes: int
+    entries: tuple[Entry, ...]
+    tied_copy: Entry | None
+    buckets: tuple[tuple[int, ...], ...]
+
+    @property
+    def hf_names(self) -> list[str]:
+        """Every HF tensor name a sync sends, in stream order."""
+        return [name for entry in self.entries for name in entry.hf_names]
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes one sync sends to the engine."""
+        return sum(entry.num_bytes(self.dtype) for entry in self.entries)
+
+
+def fused_key(hf_name: str) -> str:
+    """The fused group an HF tensor belongs to in the engine (q/k/v weights and biases of one layer share
+    one key, gate/up of one MLP another); any other tensor is its own group.
+
+    Example: ``model.layers.3.self_attn.k_proj.bias`` -> ``model.layers.3.self_attn.q_proj+k_proj+v_proj``.
+    """
+    match = _PROJ.match(hf_name)
+    group = next((g for g in FUSED_GROUPS if match and match["proj"] in g), None)
+    return f"{match['prefix']}{'+'.join(group)}" if group else hf_name
+
+
+def pack_buckets(unit_bytes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
+    """Greedy, order-keeping packing of units (each kept whole) into buckets of at most ``bucket_bytes``.
+
+    A unit larger than ``bucket_bytes`` gets a bucket of its own. Returns lists of unit indices.
+
+    Raises:
+        ValueError: ``bucket_bytes`` is not positive or a unit size is negative.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for index, size in enumerate(unit_bytes):
+        if size < 0:
+            raise ValueError(f"unit {index} has a negative size {size}")
+        if current and current_bytes + size > bucket_bytes:
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(index)
+        current_bytes += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def build_plan(
+    shape: GPTShape,
+    shard_shapes: Sequence[Mapping[str, tuple[int, ...]]],
+    *,
+    tp_size: int,
+    dtype: torch.dtype,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> Plan:
+    """The plan of a model replica from the shapes of its parameters.
+
+    Args:
+        shape: the model's numbers (``GPTShape.from_hf``).
+        shard_shapes: ``shard_shapes[pp_rank]`` maps each Megatron parameter name of that stage to its
+            shape on one TP rank.
+        tp_size: tensor-parallel size of the replica.
+        dtype: the engine's dtype (bucket sizes are counted in it).
+        bucket_bytes: most bytes per bucket; fused groups and larger tensors are never split.
+
+    Raises:
+        KeyError: a stage's parameter names differ from the checkpoint map's (names them).
+    """
+    pp_size = len(shard_shapes)
+    entries: list[Entry] = []
+    tied_copy = None
+    for stage, shapes in enumerate(shard_shapes):
+        names = _stage_names(shape, stage, pp_size)
+        _check_same(set(shapes), set(names), f"Megatron stage {stage}", "qwen2 map")
+        for mname, (hf_names, kind) in names.items():
+            shard = tuple(shapes[mname])
+            meta = [torch.empty(shard, device="meta")] * tp_size
+            hf_shapes = tuple(tuple(t.shape) for t in _from_shards(shape, kind, meta))
+            entry = Entry(stage, mname, hf_names, kind, shard, hf_shapes)
+            if shape.tied_embeddings and mname == OUTPUT_LAYER[0]:
+                tied_copy = entry  # the engine's head is its embedding: sent once, from stage 0
+            else:
+                entries.append(entry)
+    units: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        units.setdefault(fused_key(entry.hf_names[0]), []).append(index)
+    unit_list = list(units.values())
+    sizes = [sum(entries[i].num_bytes(dtype) for i in unit) for unit in unit_list]
+    buckets = tuple(
+        tuple(i for u in bucket for i in unit_list[u]) for bucket in pack_buckets(sizes, bucket_bytes)
+    )
+    return Plan(shape, tp_size, pp_size, dtype, bucket_bytes, tuple(entries), tied_copy, buckets)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

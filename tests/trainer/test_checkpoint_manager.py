@@ -1,0 +1,62 @@
+"""Run checkpoints: atomic directories, keep-last-K, fallback past a damaged one (one process)."""
+
+import json
+
+import pytest
+
+from megatron_rl.trainer.checkpoint import STATE_FILE, CheckpointManager
+
+
+def _writer(payload):
+    return lambda tmp: (tmp / "shard.bin").write_bytes(payload)
+
+
+def test_save_keeps_the_last_k_and_leaves_no_temporary_directory(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save(step, {"sampler": {"epoch": 0}}, write_shards=_writer(bytes([step])),
+                     write_extra=lambda tmp: (tmp / "config.yaml").write_text("x: 1\n"))
+    assert [step for step, _ in manager.complete()] == [2, 3]
+    assert sorted(p.name for p in manager.root.iterdir()) == ["step_00000002", "step_00000003"]
+    state = json.loads((manager.step_dir(3) / STATE_FILE).read_text())
+    assert state == {"step": 3, "sampler": {"epoch": 0}}
+    assert (manager.step_dir(3) / "config.yaml").is_file()
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_new_one(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(1, {}, write_shards=_writer(b"a"))
+
+    def fail(tmp):
+        (tmp / "half").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(2, {}, write_shards=fail)
+    assert [step for step, _ in manager.complete()] == [1]
+    assert manager.remove_partial() == [manager.root / ".tmp-step_00000002"]
+    assert not (manager.root / ".tmp-step_00000002").exists()
+
+
+def test_load_latest_falls_back_past_damaged_checkpoints(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (1, 2, 3):
+        manager.save(step, {"mark": step}, write_shards=_writer(bytes([step])))
+    (manager.step_dir(3) / STATE_FILE).write_text('{"step": 3, "ma')  # truncated JSON
+    (manager.step_dir(2) / "shard.bin").write_bytes(b"")  # the shard loader will refuse this one
+    loaded = []
+
+    def load(path):
+        if not (path / "shard.bin").read_bytes():
+            raise ValueError(f"{path / 'shard.bin'} is empty")
+        loaded.append(path.name)
+
+    step, state = manager.load_latest(load)
+    assert (step, state["mark"], loaded) == (1, 1, ["step_00000001"])
+
+
+def test_load_latest_rejects_a_state_whose_step_disagrees_with_its_directory(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    manager.save(4, {}, write_shards=_writer(b"a"))
+    (manager.step_dir(4) / STATE_FILE).write_text(json.dumps({"step": 7}))
+    assert manager.load_latest(lambda path: None) is None
