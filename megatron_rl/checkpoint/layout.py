@@ -46,6 +46,7 @@ from megatron_rl.checkpoint.qwen2 import (
     _fuse_qkv,
     _split_qkv,
     _stage_names,
+    qkv_shard_rows,
 )
 from megatron_rl.megatron.model import GPTShape
 
@@ -182,17 +183,19 @@ def _vocab_rows(source: HFSource, name: str, start: int, rows: int, shape: GPTSh
 
 
 def _qkv_rank_rows(shape: GPTShape, names: tuple[str, ...], tp_rank: int, tp_size: int, read) -> torch.Tensor:
-    """TP rank ``tp_rank``'s fused q/k/v rows: its KV groups, each [queries; key; value]."""
-    groups = shape.num_query_groups // tp_size
-    q_rows, kv_rows = shape.num_attention_heads // shape.num_query_groups * shape.head_dim, shape.head_dim
-    g0 = tp_rank * groups
-    q = read(names[0], slice(g0 * q_rows, (g0 + groups) * q_rows), None)
-    k = read(names[1], slice(g0 * kv_rows, (g0 + groups) * kv_rows), None)
-    v = read(names[2], slice(g0 * kv_rows, (g0 + groups) * kv_rows), None)
-    local = dataclasses.replace(shape, num_query_groups=groups,
-                                num_attention_heads=shape.num_attention_heads // tp_size)
-    fused = _fuse_qkv(local, q, k, v)
-    return fused.reshape(-1, *fused.shape[2:])
+    """TP rank ``tp_rank``'s fused q/k/v rows (:func:`~megatron_rl.checkpoint.qwen2.qkv_shard_rows`), read
+    from q/k/v_proj for only the KV groups those rows fall in (whole groups, or a part of one)."""
+    rows = qkv_shard_rows(shape, tp_rank, tp_size)
+    q_heads = shape.num_attention_heads // shape.num_query_groups
+    per_group = (q_heads + 2) * shape.head_dim
+    g0, g1 = rows.start // per_group, -(-rows.stop // per_group)
+    q_rows, kv_rows = q_heads * shape.head_dim, shape.head_dim
+    q = read(names[0], slice(g0 * q_rows, g1 * q_rows), None)
+    k = read(names[1], slice(g0 * kv_rows, g1 * kv_rows), None)
+    v = read(names[2], slice(g0 * kv_rows, g1 * kv_rows), None)
+    local = dataclasses.replace(shape, num_query_groups=g1 - g0, num_attention_heads=(g1 - g0) * q_heads)
+    fused = _fuse_qkv(local, q, k, v).flatten(0, 1)
+    return fused[rows.start - g0 * per_group : rows.stop - g0 * per_group]
 
 
 def hf_tensor_shapes(shape: GPTShape) -> dict[str, tuple[int, ...]]:

@@ -4,7 +4,10 @@ Megatron layout (DESIGN.md, "Megatron-Core layout facts"), for the model of
 :func:`megatron_rl.megatron.model.build_gpt_model`:
 
 - ``linear_qkv`` rows are grouped per KV group: the group's ``heads/groups`` query heads, then its
-  key head, then its value head; TP splits whole groups. The bias follows the same layout.
+  key head, then its value head. Each TP rank holds an even ``1/tp`` slice of these fused rows
+  (:func:`qkv_shard_rows`): whole groups when ``groups % tp == 0``; when ``groups < tp`` each group
+  is split over ``tp / groups`` ranks (Megatron's attention all-gathers the rows and picks its
+  heads). The bias follows the same layout.
 - ``linear_fc1`` holds, per TP rank, ``[gate shard; up shard]``.
 - ``linear_proj`` and ``linear_fc2`` are row-parallel (split on the input dim, HF dim 1); the word
   embedding and an untied output layer are split on vocab rows after zero-padding the vocabulary to
@@ -25,7 +28,8 @@ import torch
 
 from megatron_rl.megatron.model import GPTShape, padded_vocab_size
 
-__all__ = ["hf_to_megatron_shard", "load_hf_into_model", "megatron_param_names", "megatron_shards_to_hf"]
+__all__ = ["hf_to_megatron_shard", "load_hf_into_model", "megatron_param_names", "megatron_shards_to_hf",
+           "qkv_shard_rows"]
 
 Tensor = torch.Tensor
 
@@ -87,12 +91,36 @@ def megatron_param_names(hf_config: Any, pp_rank: int = 0, pp_size: int = 1) -> 
 
 
 def _check_tp(shape: GPTShape, tp_rank: int, tp_size: int) -> None:
+    """Raise ValueError unless Megatron can split this model over ``tp_size`` ranks (naming the field)."""
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank={tp_rank} is outside [0, tp_size={tp_size})")
-    for name, value in (("num_query_groups", shape.num_query_groups), ("ffn_hidden_size", shape.ffn_hidden_size),
-                        ("num_attention_heads", shape.num_attention_heads)):
+    for name, value in (("ffn_hidden_size", shape.ffn_hidden_size), ("num_attention_heads", shape.num_attention_heads)):
         if value % tp_size:
             raise ValueError(f"{name}={value} is not divisible by tp_size={tp_size}")
+    groups = shape.num_query_groups
+    if groups % tp_size and tp_size % groups:
+        raise ValueError(f"num_query_groups={groups} and tp_size={tp_size}: one must divide the other (TP splits "
+                         "whole KV groups, or each KV group over tp_size / num_query_groups ranks)")
+    if _qkv_fused_rows(shape) % tp_size:
+        raise ValueError(f"the fused q/k/v rows ({_qkv_fused_rows(shape)}) are not divisible by tp_size={tp_size}")
+
+
+def _qkv_fused_rows(shape: GPTShape) -> int:
+    return (shape.num_attention_heads + 2 * shape.num_query_groups) * shape.head_dim
+
+
+def qkv_shard_rows(shape: GPTShape, tp_rank: int, tp_size: int) -> slice:
+    """The rows of the fused q/k/v tensor (all KV groups, each ``[queries; key; value]``, as made by
+    :func:`_fuse_qkv` and flattened) that TP rank ``tp_rank`` holds in ``linear_qkv``: an even
+    ``1/tp_size`` slice. That is whole KV groups when ``num_query_groups % tp_size == 0`` and a part of
+    one group when ``num_query_groups < tp_size`` (Megatron then all-gathers the rows in attention).
+
+    Raises:
+        ValueError: the layout is not one Megatron can split (see :func:`_check_tp`).
+    """
+    _check_tp(shape, tp_rank, tp_size)
+    rows = _qkv_fused_rows(shape) // tp_size
+    return slice(tp_rank * rows, (tp_rank + 1) * rows)
 
 
 def _fuse_qkv(shape: GPTShape, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -124,8 +152,7 @@ def _to_shard(shape: GPTShape, kind: str, tensors: list[Tensor], tp_rank: int, t
     if kind == ROW_PARALLEL_INPUT:
         return tensors[0].chunk(tp_size, dim=1)[tp_rank].clone()
     if kind == QKV:
-        fused = _fuse_qkv(shape, *tensors)
-        return fused.chunk(tp_size, dim=0)[tp_rank].reshape(-1, *fused.shape[2:]).clone()
+        return _fuse_qkv(shape, *tensors).flatten(0, 1)[qkv_shard_rows(shape, tp_rank, tp_size)].clone()
     if kind == FC1:
         gate, up = tensors
         return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)

@@ -59,7 +59,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.address, str):
-            raise ValueError(f"cluster.address={self.address!r} must be '', 'auto' or 'HOST:PORT'")
+            raise TypeError(f"cluster.address={self.address!r} must be '', 'auto' or 'HOST:PORT'")
         check_range("cluster.local_num_cpus", self.local_num_cpus, low=0, integer=True)
         check_range("cluster.num_trainers", self.num_trainers, low=1, integer=True)
         check_choice("cluster.device", self.device, DEVICES)

@@ -95,7 +95,7 @@ class EngineActor:
         return self.engine.generate(prompt_token_ids, sampling)
 
     def load_weights(self, packed: Packed) -> None:
-        return None
+        self.engine.load_weights(unpack_tensors(packed))
 
     def engine_weights(self) -> Packed:
         return pack_tensors(self.engine.engine_weights().items())
@@ -193,8 +193,8 @@ def connect_engine(cfg: Any, model_dir: str | Path, *, replica: int | None = Non
     init_ray(cluster)
     replica = _replica_index() if replica is None else replica
     name = engine_actor_name(cfg, replica)
-    options: dict[str, Any] = dict(name=name, get_if_exists=True, max_restarts=0, num_cpus=cluster.engine_cpus,
-                                   num_gpus=1 if torch.cuda.is_available() else 0)
+    options: dict[str, Any] = {"name": name, "get_if_exists": True, "max_restarts": 0,
+                               "num_cpus": cluster.engine_cpus, "num_gpus": 1 if torch.cuda.is_available() else 0}
     bundle = _engine_bundle(replica)
     if bundle is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

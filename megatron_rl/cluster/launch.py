@@ -180,7 +180,7 @@ class TrainerGroup:
                 rank = pending.pop(ref)
                 try:
                     results[rank] = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - any failure of a rank ends the run
+                except Exception as err:  # any failure of a rank ends the run
                     raise TrainerFailed(f"trainer rank {rank} on node {self.node_ips[rank]} failed: "
                                         f"{_first_line(err)}") from err
             step = self._last_step()

@@ -270,6 +270,9 @@ class Trainer:
         dp = self.info.dp_size
         if data.batch_size % dp:
             raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the data-parallel size {dp}")
+        if alg.dynamic_sampling and dp > 1:
+            raise ValueError(f"algorithm.dynamic_sampling needs one data-parallel replica (dp={dp}): replicas "
+                             "would draw different numbers of prompts and their samplers would drift apart")
         local = data.batch_size // dp
         mini = alg.mini_batch_size or local
         if alg.mini_batch_size and local % alg.mini_batch_size:

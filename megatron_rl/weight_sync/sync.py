@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rl.checkpoint.qwen2 import QKV, VOCAB, _check_same, _from_shards, _stage_names, _to_shard
+from megatron_rl.checkpoint.qwen2 import VOCAB, _check_same, _from_shards, _stage_names, _to_shard
 from megatron_rl.megatron.model import GPTShape
 from megatron_rl.megatron.optim import unwrap_ddp
 from megatron_rl.megatron.parallel import pipeline_parallel_group, tensor_parallel_group
@@ -271,13 +271,8 @@ class WeightSync:
 
     def _reshard(self, entry: Entry, tensors: list[Tensor]) -> Tensor:
         """This TP rank's Megatron shard of full HF tensors, through the checkpoint map."""
-        shape, tp = self.plan.shape, self.tp_size
-        if entry.kind == QKV:
-            # Megatron splits the fused rows evenly over TP, whole KV groups when num_query_groups >= tp and
-            # within a group otherwise; the map's own split covers the first case only.
-            return _to_shard(shape, QKV, tensors, 0, 1, 0).chunk(tp, dim=0)[self.tp_rank]
-        vocab = entry.shard_shape[0] * tp
-        return _to_shard(shape, entry.kind, tensors, self.tp_rank, tp, vocab)
+        vocab = entry.shard_shape[0] * self.tp_size
+        return _to_shard(self.plan.shape, entry.kind, tensors, self.tp_rank, self.tp_size, vocab)
 
     def _valid_rows(self, entry: Entry, local: Tensor) -> int:
         """Rows of this shard that hold real (not padding) vocabulary for VOCAB entries; all rows otherwise."""

@@ -1,12 +1,13 @@
 """One rank of the multi-process converter tests (4 ranks), launched like torchrun would:
 
-    python _convert_worker.py OUT_DIR TIED_DIR UNTIED_DIR
+    python _convert_worker.py OUT_DIR TIED_DIR UNTIED_DIR KV1_DIR
 
-Expects OUT_DIR/conv_tied_1x1 and OUT_DIR/conv_untied_2x1 (converted by the test). Then:
+Expects OUT_DIR/conv_tied_1x1, OUT_DIR/conv_untied_2x1 and OUT_DIR/conv_kv1_2x1 (converted by the test).
+Then:
 
 1. TP=2 (DP=2): builds each model, loads its converted checkpoint (model only; the tied one was laid out
-   for TP=1, so this also reshards), and keeps the full logits of :func:`_helpers.fixed_batch`
-   (vocab-parallel logits gathered over TP, padding cut).
+   for TP=1, so this also reshards; the KV1 model has one KV head, split over both TP ranks), and keeps
+   the full logits of :func:`_helpers.fixed_batch` (vocab-parallel logits gathered over TP, padding cut).
 2. TP=2 x PP=2: loads the untied HF weights (``load_hf_into_model``) and saves them with Megatron itself,
    model only (OUT_DIR/mcore_untied_2x2), to compare with the converter's layout; then trains the tied
    model one step with Adam and saves model + optimizer + RNG (OUT_DIR/train_tied_2x2).
@@ -42,7 +43,7 @@ def tp2_logits(ckpt_dir: Path, model_dir: str, info) -> torch.Tensor:
     return torch.cat(parts, dim=-1)[..., : config.vocab_size]
 
 
-def main(out_dir: str, tied_dir: str, untied_dir: str) -> None:
+def main(out_dir: str, tied_dir: str, untied_dir: str, kv1_dir: str) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "megatron"))
     from _helpers import load_hf_state, run_training
@@ -59,6 +60,7 @@ def main(out_dir: str, tied_dir: str, untied_dir: str) -> None:
         info = init_parallel(tp=2, pp=1)
         results["logits_tied"] = tp2_logits(out / "conv_tied_1x1", tied_dir, info)
         results["logits_untied"] = tp2_logits(out / "conv_untied_2x1", untied_dir, info)
+        results["logits_kv1"] = tp2_logits(out / "conv_kv1_2x1", kv1_dir, info)
 
         info = init_parallel(tp=2, pp=2)
         config = AutoConfig.from_pretrained(untied_dir)
@@ -75,4 +77,4 @@ def main(out_dir: str, tied_dir: str, untied_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

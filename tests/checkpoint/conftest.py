@@ -35,7 +35,8 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     """name -> tiny HF model directory (vocab 1030: padded to 1152 / 1280 / 1536 at TP 1 / 2 / 4).
 
     qwen2_tied, qwen2_untied: 4 heads, 2 KV groups, q/k/v bias; qwen2_gqa8: 8 heads of dim 32 in 4 KV
-    groups (TP=4 gives each rank one group); llama: untied, no bias."""
+    groups (TP=4 gives each rank one group); qwen2_kv1: tied, 4 heads sharing 1 KV head (TP>1 splits
+    that group); llama: untied, no bias."""
     from megatron_rl.testing import tiny_model
 
     root = tmp_path_factory.mktemp("hf")
@@ -44,6 +45,7 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
         "qwen2_untied": tiny_model(root / "qwen2_untied", vocab_size=VOCAB_SIZE, tie_word_embeddings=False),
         "qwen2_gqa8": tiny_model(root / "qwen2_gqa8", vocab_size=VOCAB_SIZE, tie_word_embeddings=False,
                                  hidden_size=256, num_attention_heads=8, num_key_value_heads=4),
+        "qwen2_kv1": tiny_model(root / "qwen2_kv1", vocab_size=VOCAB_SIZE, num_key_value_heads=1),
         "llama": _llama(root / "llama"),
     }
     for path in models.values():

@@ -3,6 +3,7 @@ sharded input and output, dtypes, loud and clean failures, the CLI with --verify
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -18,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from megatron_rl.checkpoint import convert, qwen2
 from megatron_rl.checkpoint.convert import hf_to_megatron, megatron_to_hf, write_hf_checkpoint
 from megatron_rl.checkpoint.megatron_io import CheckpointReader
-from megatron_rl.megatron.model import padded_vocab_size
+from megatron_rl.megatron.model import GPTShape, padded_vocab_size
 
 
 def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -44,7 +45,8 @@ def leftovers(parent: Path) -> list[str]:
 
 LAYOUTS = [("qwen2_tied", 1, 1), ("qwen2_tied", 2, 1), ("qwen2_tied", 1, 2), ("qwen2_tied", 2, 2),
            ("qwen2_untied", 1, 1), ("qwen2_untied", 2, 2), ("qwen2_untied", 2, 1),
-           ("qwen2_gqa8", 4, 1), ("qwen2_gqa8", 4, 2), ("llama", 1, 2), ("llama", 2, 2)]
+           ("qwen2_untied", 4, 1), ("qwen2_gqa8", 4, 1), ("qwen2_gqa8", 4, 2), ("qwen2_kv1", 2, 1),
+           ("qwen2_kv1", 4, 2), ("llama", 1, 2), ("llama", 2, 2)]
 
 
 @pytest.mark.parametrize(("model", "tp", "pp"), LAYOUTS, ids=[f"{m}-tp{t}-pp{p}" for m, t, p in LAYOUTS])
@@ -57,7 +59,7 @@ def test_round_trip_is_bit_exact(hf_models, tmp_path, model, tp, pp) -> None:
     embedding = reader.read("embedding.word_embeddings.weight")
     assert embedding.shape == (rows, 256 if model == "qwen2_gqa8" else 128)
     assert rows > VOCAB_SIZE and not embedding[VOCAB_SIZE:].any()
-    assert ("output_layer.weight" in reader.tensor_shapes()) == (model != "qwen2_tied")
+    assert ("output_layer.weight" in reader.tensor_shapes()) == (model not in ("qwen2_tied", "qwen2_kv1"))
     assert ("decoder.layers.self_attention.linear_qkv.bias" in reader.tensor_shapes()) == model.startswith("qwen2")
     megatron_to_hf(tmp_path / "mcore", tmp_path / "hf")
     original = load_hf_state(src)
@@ -80,6 +82,28 @@ def test_stored_model_is_the_same_at_every_layout(hf_models, tmp_path) -> None:
             assert (one.shape[0], four.shape[0]) == (1152, 1536)
             four = four[:1152]
         assert torch.equal(one, four), key
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_one_kv_head_is_split_evenly_over_tp(hf_models, tmp_path, tp) -> None:
+    """1 KV group, fewer than TP: each rank holds an even 1/TP slice of the group's fused rows (4 query
+    heads, then the key head, then the value head: 6 x 32 = 192 rows), in memory and streamed alike."""
+    src = hf_models["qwen2_kv1"]
+    config, state = AutoConfig.from_pretrained(src), load_hf_state(src)
+    shards = [qwen2.hf_to_megatron_shard(state, config, tp_rank=r, tp_size=tp) for r in range(tp)]
+    for layer in range(2):
+        fused = torch.cat([state[f"model.layers.{layer}.self_attn.{p}_proj.weight"] for p in "qkv"])
+        fused_bias = torch.cat([state[f"model.layers.{layer}.self_attn.{p}_proj.bias"] for p in "qkv"])
+        assert fused.shape == (192, 128)
+        rows = 192 // tp
+        for r, shard in enumerate(shards):
+            qkv = f"decoder.layers.{layer}.self_attention.linear_qkv"
+            assert torch.equal(shard[f"{qkv}.weight"], fused[r * rows : (r + 1) * rows])
+            assert torch.equal(shard[f"{qkv}.bias"], fused_bias[r * rows : (r + 1) * rows])
+    assert_same_tensors(qwen2.megatron_shards_to_hf([shards], config), state)
+    hf_to_megatron(src, tmp_path / "mcore", tp=tp)  # writes rank by rank; stored as one global tensor
+    stored = CheckpointReader(tmp_path / "mcore").read("decoder.layers.self_attention.linear_qkv.weight")
+    assert torch.equal(stored[1], fused)
 
 
 def test_sharded_input_and_output_load_in_transformers(hf_models, tmp_path) -> None:
@@ -173,13 +197,25 @@ def test_corrupted_hf_inputs_fail_clearly_and_write_nothing(hf_models, tmp_path)
         with pytest.raises(error, match=message):
             hf_to_megatron(source, out_parent / f"out{i}", tp=2)
     assert list(out_parent.iterdir()) == []
-    with pytest.raises(ValueError, match="num_query_groups=2 is not divisible by tp_size=4"):
-        hf_to_megatron(src, out_parent / "tp4", tp=4)  # TP splits whole KV groups: kv heads < TP is rejected
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tp_size=8"):
+        hf_to_megatron(src, out_parent / "tp8", tp=8)  # 2 KV groups divide 8, but 4 heads do not
     with pytest.raises(ValueError, match="num_layers=2 is not divisible by pp_size=3"):
         hf_to_megatron(src, out_parent / "pp3", pp=3)
     hf_to_megatron(src, out_parent / "done")
     with pytest.raises(FileExistsError, match="already exists"):
         hf_to_megatron(src, out_parent / "done")
+
+
+def test_kv_groups_and_tp_must_divide_one_another(hf_models) -> None:
+    """Megatron splits whole KV groups over TP, or one group over TP / groups ranks; nothing in between."""
+    shape = GPTShape.from_hf(AutoConfig.from_pretrained(hf_models["qwen2_gqa8"]))  # 8 heads, 4 groups, dim 32
+    assert qwen2.qkv_shard_rows(shape, 1, 2) == slice(256, 512)  # 2 whole groups of (2 + 2) x 32 rows
+    assert qwen2.qkv_shard_rows(shape, 5, 8) == slice(320, 384)  # half of group 2
+    six = dataclasses.replace(shape, num_attention_heads=6, num_query_groups=3)
+    with pytest.raises(ValueError, match="num_query_groups=3 and tp_size=2: one must divide the other"):
+        qwen2.qkv_shard_rows(six, 0, 2)
+    with pytest.raises(ValueError, match="tp_rank=4 is outside"):
+        qwen2.qkv_shard_rows(shape, 4, 4)
 
 
 def test_megatron_to_hf_rejects_a_config_the_checkpoint_contradicts(hf_models, tmp_path) -> None:

@@ -27,8 +27,9 @@ def run_dir(hf_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("convert_ranks")
     hf_to_megatron(hf_models["qwen2_tied"], out / "conv_tied_1x1", tp=1, pp=1)
     hf_to_megatron(hf_models["qwen2_untied"], out / "conv_untied_2x1", tp=2, pp=1)
-    launch_ranks(WORKER, [str(hf_models["qwen2_tied"]), str(hf_models["qwen2_untied"])], out, world_size=4,
-                 timeout_s=420)
+    hf_to_megatron(hf_models["qwen2_kv1"], out / "conv_kv1_2x1", tp=2, pp=1)
+    models = [str(hf_models[m]) for m in ("qwen2_tied", "qwen2_untied", "qwen2_kv1")]
+    launch_ranks(WORKER, models, out, world_size=4, timeout_s=420)
     return out
 
 
@@ -53,7 +54,7 @@ def test_converter_writes_what_megatron_saves(hf_models, run_dir, tmp_path) -> N
         assert torch.equal(a.read(key), b.read(key)), key
 
 
-@pytest.mark.parametrize("model", ["qwen2_tied", "qwen2_untied"])
+@pytest.mark.parametrize("model", ["qwen2_tied", "qwen2_untied", "qwen2_kv1"])
 def test_converted_checkpoint_gives_hf_logits_at_tp2(hf_models, run_dir, model) -> None:
     config = AutoConfig.from_pretrained(hf_models[model])
     with torch.no_grad():

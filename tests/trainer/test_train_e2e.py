@@ -90,14 +90,18 @@ def test_tensor_parallel_run_with_weight_checks(tmp_path):
 
 def test_rollout_only_then_replay(tmp_path):
     """Debug modes: rollout-only saves every scored response and never updates; train-only replays
-    those rollouts step by step (the same rewards) and updates."""
+    those rollouts step by step (the same rewards) and updates. The rollout-only run also samples
+    dynamically: FAST's rewards are all equal, so every round's groups are set aside and, after the
+    last round, fill the batch."""
     saved = tmp_path / "rollouts"
-    run_train(saved, *FAST, "trainer.total_steps=2", "trainer.rollout_only=true")
+    run_train(saved, *FAST, "trainer.total_steps=2", "trainer.rollout_only=true", "algorithm.dynamic_sampling=true")
     lines = [json.loads(line) for line in (saved / "rollouts.jsonl").read_text().splitlines()]
     assert [sum(1 for r in lines if r["step"] == s) for s in (1, 2)] == [16, 16]  # 4 prompts x 4 samples
     assert not (saved / "hf").exists()
     saved_records = read_metrics(saved / "metrics.jsonl")
     assert all("actor/grad_norm" not in r for r in saved_records)
+    assert all(r["reward/std"] == 0.0 for r in saved_records)
+    assert [(r["sampling/rounds"], r["sampling/equal_reward_groups"]) for r in saved_records] == [(3.0, 12.0)] * 2
     replay = tmp_path / "replay"
     run_train(replay, *FAST, "trainer.total_steps=2", f"trainer.replay_rollouts={saved / 'rollouts.jsonl'}",
               "trainer.export_hf=false")
