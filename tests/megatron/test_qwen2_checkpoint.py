@@ -149,7 +149,9 @@ def test_unknown_and_missing_names_raise_with_the_name() -> None:
         qwen2.megatron_shards_to_hf([[shard]], config)
 
 
-def test_tp_that_splits_a_kv_group_is_rejected() -> None:
-    config = shape_config(num_key_value_heads=1)
-    with pytest.raises(ValueError, match="num_query_groups=1 is not divisible by tp_size=2"):
+def test_kv_groups_that_tp_does_not_divide_evenly_are_rejected() -> None:
+    """One KV head over TP=2 is Megatron's "fewer KV heads than TP" layout (tests/checkpoint covers it);
+    3 KV groups over TP=2 is no layout Megatron has."""
+    config = shape_config(num_attention_heads=6, num_key_value_heads=3, hidden_size=6)
+    with pytest.raises(ValueError, match="num_query_groups=3"):
         qwen2.hf_to_megatron_shard(numbered_hf_state(config), config, tp_rank=0, tp_size=2)
