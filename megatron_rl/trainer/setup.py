@@ -145,6 +145,9 @@ def build_engine(cfg: Config, model_dir: Path, info: ParallelInfo):
         return TransformersEngine(model_dir)
     from megatron_rl.rollout.vllm_engine import VLLMEngine
 
+    # vLLM logs two lines per weight push (and benign per-push warnings on CPU) through the progress
+    # bar; the trainer reports what matters in its metrics. VLLM_LOGGING_LEVEL=INFO brings them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     kv_bytes = None if torch.cuda.is_available() else int(cfg.rollout.kv_cache_gib * (1 << 30))
     return VLLMEngine(model_dir, max_model_len=max_len, kv_cache_memory_bytes=kv_bytes, seed=cfg.trainer.seed,
                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
