@@ -352,17 +352,13 @@ class _one_process_world:
     def __enter__(self) -> None:
         import torch.distributed as dist
 
-        from megatron_rl.megatron.parallel import init_parallel
+        from megatron_rl.megatron.parallel import init_parallel, local_world_env
 
         self.created = not dist.is_initialized()
         if self.created:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            self.saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+            env = local_world_env()
+            self.saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
         elif dist.get_world_size() != 1:
             raise ValueError("verify runs in one process; torch.distributed has several ranks here")
         init_parallel(tp=1, pp=1)

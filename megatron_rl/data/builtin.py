@@ -405,15 +405,20 @@ def make_tasks(
     check_range("num_train", num_train, low=1, integer=True)
     check_range("num_test", num_test, low=1, integer=True)
     rng, seen = random.Random(seed), set()
-    out_dir = Path(out_dir)
-    paths = {}
+    paths = task_files(out_dir, difficulty)
     # Test first: its questions are the ones training must not see.
-    for split, num_rows, name in (("test", num_test, f"builtin_{difficulty}_test"),
-                                  ("train", num_train, f"train_builtin_{difficulty}")):
+    for split, num_rows in (("test", num_test), ("train", num_train)):
         rows = make_rows(num_rows, split=split, rng=rng, kinds=kinds, difficulty=difficulty, seen=seen)
-        paths[split] = out_dir / f"{name}.parquet"
         write_rows(paths[split], rows)
-    return {"train": paths["train"], "test": paths["test"]}
+    return paths
+
+
+def task_files(out_dir: str | Path, difficulty: str) -> dict[str, Path]:
+    """Where :func:`make_tasks` writes: {"train": .../train_builtin_<difficulty>.parquet,
+    "test": .../builtin_<difficulty>_test.parquet}."""
+    out_dir = Path(out_dir)
+    return {"train": out_dir / f"train_builtin_{difficulty}.parquet",
+            "test": out_dir / f"builtin_{difficulty}_test.parquet"}
 
 
 # --- Ideal responses for a format warm-up -----------------------------------------------------

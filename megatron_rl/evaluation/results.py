@@ -10,9 +10,10 @@ so the prompt is generated again and never counted twice.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
+
+from megatron_rl.jsonl import append_records, rewrite_records
 
 PromptKey = tuple[str, int | None]
 """(prompt id, budget): one generated prompt."""
@@ -55,26 +56,13 @@ def load_completed(path: Path, n: int) -> dict[PromptKey, list[dict]]:
         if len(records) == n:
             completed[key] = sorted(records, key=lambda r: r["sample_index"])
     if tail or len(completed) != len(groups):
-        _rewrite(path, [r for records in completed.values() for r in records])
+        rewrite_records(path, [r for records in completed.values() for r in records])
     return completed
 
 
 def append_prompt(path: Path, records: list[dict]) -> None:
     """Append one prompt's sample records in one write, then flush and fsync."""
-    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _rewrite(path: Path, records: list[dict]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
+    append_records(path, records)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -21,6 +21,7 @@ from megatron_rl.data.schema import PromptRow, read_rows
 from megatron_rl.evaluation import metrics, results
 from megatron_rl.evaluation.budgets import LENGTH_MODES, budget_num_tokens, with_budget
 from megatron_rl.rewards import RewardConfig, score_batch, text
+from megatron_rl.rewards.report import reward_row
 from megatron_rl.rewards.score import OPEN_ENDED, task_of
 from megatron_rl.rollout.base import RolloutEngine, SamplingConfig
 from megatron_rl.validation import check_choice, check_range
@@ -134,9 +135,7 @@ def score_prompt(prompt: EvalPrompt, rollouts, reward: RewardConfig) -> list[dic
     """The ``results.jsonl`` records of one prompt's samples: response, extracted answer, 0/1 score,
     reward, token count, and EMS / ROUGE-L (0-100) of the answer for open-ended benchmarks."""
     row = prompt.row
-    reward_rows = [{"data_source": row.data_source, "response": r.text, "ground_truth": row.ground_truth,
-                    "lower_limit": row.lower_limit, "upper_limit": row.upper_limit, "num_tokens": row.num_tokens,
-                    "response_num_tokens": len(r.token_ids)} for r in rollouts]
+    reward_rows = [reward_row(row, r.text, len(r.token_ids)) for r in rollouts]
     open_ended = task_of(row.data_source) == OPEN_ENDED
     records = []
     for rollout, result in zip(rollouts, score_batch(reward_rows, config=reward), strict=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -14,9 +15,11 @@ from megatron_rl.megatron.cpu import apply_cpu_shims
 
 __all__ = [
     "ParallelInfo",
+    "barrier",
     "data_parallel_group",
     "destroy_parallel",
     "init_parallel",
+    "local_world_env",
     "model_parallel_group",
     "pipeline_parallel_group",
     "tensor_parallel_group",
@@ -128,6 +131,21 @@ def model_parallel_group() -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_model_parallel_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without torch.distributed or with one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def local_world_env() -> dict[str, str]:
+    """The env:// variables of a one-process world on a free local port (for runs started without
+    torchrun, and in-process checks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
 def destroy_parallel() -> None:

@@ -51,7 +51,7 @@ def rows_from_files(
                     f"(num_tokens={num_tokens}); pass --tokenizer DIR to count tokens or --no-length"
                 )
             used = count_tokens(record["response"]) if isinstance(record["response"], str) else 0
-        rows.append(_reward_row(index, spec, record["response"], num_tokens, used))
+        rows.append(reward_row(spec, record["response"], used, num_tokens=num_tokens, index=index))
     if not any_row_field and len(rows) != len(specs):
         raise ValueError(
             f"{responses_path} has {len(rows)} responses for {len(specs)} rows of {parquet_path}; "
@@ -67,17 +67,20 @@ def oracle_rows(parquet_path: str | Path, *, use_length: bool = True) -> list[di
     for index, spec in enumerate(read_rows(parquet_path)[0]):
         num_tokens = spec.num_tokens if use_length else NO_LENGTH_CONTROL
         response = f"<think></think><answer>{spec.ground_truth}</answer>"
-        rows.append(_reward_row(index, spec, response, num_tokens, abs(num_tokens)))
+        rows.append(reward_row(spec, response, abs(num_tokens), num_tokens=num_tokens, index=index))
     return rows
 
 
-def _reward_row(index: int, spec: PromptRow, response: object, num_tokens: int, used: int | None) -> dict[str, object]:
-    """A ``score_batch`` row: parquet row ``index``'s reward fields with one response."""
-    return {
-        "row": index, "data_source": spec.data_source, "response": response, "ground_truth": spec.ground_truth,
-        "lower_limit": spec.lower_limit, "upper_limit": spec.upper_limit, "num_tokens": num_tokens,
-        "response_num_tokens": used,
+def reward_row(spec: PromptRow, response: object, used: int | None, *, num_tokens: int | None = None,
+               index: int | None = None) -> dict[str, object]:
+    """A ``score_batch`` row: a parquet row's reward fields with one response of ``used`` tokens.
+    ``num_tokens`` overrides the row's length instruction; ``index`` is kept as ``"row"`` when given."""
+    row = {
+        "data_source": spec.data_source, "response": response, "ground_truth": spec.ground_truth,
+        "lower_limit": spec.lower_limit, "upper_limit": spec.upper_limit,
+        "num_tokens": spec.num_tokens if num_tokens is None else num_tokens, "response_num_tokens": used,
     }  # fmt: skip
+    return row if index is None else {"row": index, **row}
 
 
 def _jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_rl.megatron.parallel import barrier
+
 __all__ = ["CheckpointManager", "TrainerState"]
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,9 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         write_shards(tmp)
-        _barrier()
+        barrier()
         if self.rank == 0:
             if write_extra is not None:
                 write_extra(tmp)
@@ -103,7 +105,7 @@ class CheckpointManager:
             _fsync_dir(self.root)
             for _, old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
         return final
 
     def load_latest(self, load_shards) -> tuple[int, TrainerState] | None:
@@ -136,11 +138,6 @@ def _check_state(path: Path, step: int) -> str | None:
     if not isinstance(state, dict) or state.get("step") != step:
         return f"{file}: step {state.get('step') if isinstance(state, dict) else state!r} != {step} (directory name)"
     return None
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _all_agree(flag: bool) -> bool:

@@ -15,11 +15,9 @@ replica's share of the prompts and sends the token tensors to the other ranks of
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -31,7 +29,13 @@ from megatron_rl.config import Config
 from megatron_rl.data.dataset import PromptDataset, PromptExample, PromptSampler
 from megatron_rl.megatron.forward import forward_logprobs
 from megatron_rl.megatron.optim import build_optimizer, set_lr, unwrap_ddp
-from megatron_rl.megatron.parallel import ParallelInfo, destroy_parallel, init_parallel, model_parallel_group
+from megatron_rl.megatron.parallel import (
+    ParallelInfo,
+    destroy_parallel,
+    init_parallel,
+    local_world_env,
+    model_parallel_group,
+)
 from megatron_rl.megatron.train_step import LossSettings, count_valid_sequences, count_valid_tokens, train_step
 from megatron_rl.trainer import phases, setup
 from megatron_rl.trainer.batch import RolloutBatch, broadcast_batch, make_micro_batches
@@ -52,7 +56,8 @@ ADVANTAGE_FUNCTIONS = {
 
 def train(cfg: Config) -> Path:
     """Run ``cfg`` to its last step (resuming if asked); return the run directory."""
-    _default_single_process_env()
+    if "RANK" not in os.environ:  # started without torchrun: a world of one process
+        os.environ.update(local_world_env())
     trainer = Trainer(cfg)
     try:
         trainer.fit()
@@ -130,7 +135,8 @@ class Trainer:
             setup.finish(self.run_dir)
 
     def step(self, step: int) -> dict[str, float]:
-        """One GRPO step; returns its metrics (the same on every rank)."""
+        """One GRPO step; returns its metrics. Only rank 0 logs them, and it holds them all: the rollout
+        metrics of its replica (the first) and the update's (reduced over every rank by train_step)."""
         timer = PhaseTimer()
         batch, rows_metrics = self.rollouts(step, timer)
         metrics: dict[str, float] = dict(rows_metrics)
@@ -144,12 +150,13 @@ class Trainer:
         return metrics
 
     def rollouts(self, step: int, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
-        """This replica's rollouts of ``step`` (generated, or replayed from a file), with their rewards."""
+        """This replica's rollouts of ``step`` (generated, or replayed from a file), with their rewards;
+        the reward metrics only on the rank that generated them."""
         packed, metrics = None, {}
         if self.feeds_engine:
             packed, metrics = phases.generate_and_score(self, step, timer)
         packed = broadcast_batch(packed, src=self.replica_src, group=model_parallel_group())
-        return packed, _replicate(metrics, src=self.replica_src, group=model_parallel_group())
+        return packed, metrics
 
     def update(self, batch: RolloutBatch, timer: PhaseTimer) -> dict[str, float]:
         """Advantages, old/reference logprobs, then ppo_epochs x mini-batches of clipped updates."""
@@ -220,11 +227,12 @@ class Trainer:
     # ------------------------------------------------------------------ validation, checkpoints, export
 
     def validate(self) -> dict[str, float]:
-        """Greedy answers to the validation prompts, scored: val/test_acc/<source>, val/test_score/<source>."""
+        """Greedy answers to the validation prompts, scored: val/test_acc/<source>, val/test_score/<source>
+        (computed and returned on rank 0 only, which logs them)."""
         metrics: dict[str, float] = {}
         if self.is_main and self.val_set is not None:
             metrics = phases.validate(self)
-        return _replicate(metrics, src=0, group=None)
+        return metrics
 
     def save_checkpoint(self) -> Path:
         from megatron_rl.checkpoint.distributed import save_checkpoint
@@ -300,28 +308,4 @@ class Trainer:
     def local_prompts(self, indices: list[int]) -> list[PromptExample]:
         """This data-parallel rank's share of a batch of dataset indices."""
         return [self.train_set[i] for i in indices[self.info.dp_rank :: self.info.dp_size]]
-
-
-def _replicate(metrics: dict[str, float], *, src: int, group: dist.ProcessGroup | None) -> dict[str, float]:
-    """``src``'s metrics on every rank of ``group`` (None: the world). Keys travel as JSON text in
-    a byte tensor (no pickling)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return metrics
-    payload = json.dumps(metrics).encode() if dist.get_rank() == src else b""
-    size = torch.tensor([len(payload)], dtype=torch.int64)
-    dist.broadcast(size, src=src, group=group)
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if dist.get_rank() == src
-            else torch.empty(int(size.item()), dtype=torch.uint8))
-    dist.broadcast(data, src=src, group=group)
-    return json.loads(bytes(data.tolist()).decode())
-
-
-def _default_single_process_env() -> None:
-    """Started without torchrun: a world of one process on a free local port."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from megatron_rl.jsonl import append_records, rewrite_records
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -44,12 +45,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
         return 0
     records = read_metrics(path)
     kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    rewrite_records(path, kept)
     return len(records) - len(kept)
 
 
@@ -63,7 +59,6 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb_project: str = "",
                  config: Mapping[str, Any] | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
         self._tensorboard = None
         self._wandb = None
         if tensorboard:
@@ -83,10 +78,7 @@ class MetricsWriter:
                                      name=Path(run_dir).name, resume="allow")
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        record = {"step": step, **{k: _jsonable(float(v)) for k, v in sorted(metrics.items())}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        append_records(self.path, [{"step": step, **{k: _jsonable(float(v)) for k, v in sorted(metrics.items())}}])
         if self._tensorboard is not None:
             for key, value in metrics.items():
                 self._tensorboard.add_scalar(key, value, step)
@@ -95,7 +87,6 @@ class MetricsWriter:
             self._wandb.log(dict(metrics), step=step)
 
     def close(self) -> None:
-        self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:

@@ -3,7 +3,6 @@ SFT warm-up, and writing models out. Each takes the :class:`~megatron_rl.trainer
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from collections import defaultdict
@@ -12,13 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from megatron_rl.config import to_yaml
-from megatron_rl.data.dataset import PromptExample
-from megatron_rl.rewards import RewardResult, score_batch
+from megatron_rl.data.dataset import PromptExample, tokenize
+from megatron_rl.jsonl import append_records
+from megatron_rl.megatron.parallel import barrier
+from megatron_rl.rewards import RewardResult, report, score_batch
+from megatron_rl.rewards.report import reward_row
 from megatron_rl.rollout.base import Rollout, SamplingConfig
-from megatron_rl.trainer.batch import RolloutBatch, pack_rollouts
+from megatron_rl.trainer.batch import RolloutBatch, make_micro_batches, pack_rollouts
 from megatron_rl.trainer.metrics import PhaseTimer
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def generate_and_score(tr: Trainer, step: int, timer: PhaseTimer) -> tuple[Rollo
         prompts, rollouts = _replay(tr, step)
         with timer("score"):
             results = _score(tr, prompts, rollouts)
-        return _finish(tr, prompts, rollouts, results, rounds=1)
+        return _finish(tr, prompts, rollouts, results)
     alg, n = cfg.algorithm, cfg.rollout.n
     kept_prompts: list[PromptExample] = []
     kept_rollouts: list[Rollout] = []
@@ -70,7 +71,7 @@ def generate_and_score(tr: Trainer, step: int, timer: PhaseTimer) -> tuple[Rollo
     if tr.cfg.trainer.rollout_only:
         _save_rollouts(tr, step, kept_prompts, kept_rollouts, kept_results)
     metrics_extra = {"sampling/rounds": float(rounds), "sampling/equal_reward_groups": float(len(dropped))}
-    batch, metrics = _finish(tr, kept_prompts, kept_rollouts, kept_results, rounds=rounds)
+    batch, metrics = _finish(tr, kept_prompts, kept_rollouts, kept_results)
     return batch, {**metrics, **metrics_extra}
 
 
@@ -88,16 +89,18 @@ def _sampling_seed(tr: Trainer, step: int, round_index: int, width: int) -> int:
 
 
 def _score(tr: Trainer, prompts: Sequence[PromptExample], rollouts: Sequence[Rollout]) -> list[RewardResult]:
-    rows = []
-    for rollout in rollouts:
-        row = prompts[rollout.prompt_index].row
-        rows.append({"data_source": row.data_source, "response": rollout.text, "ground_truth": row.ground_truth,
-                     "lower_limit": row.lower_limit, "upper_limit": row.upper_limit, "num_tokens": row.num_tokens,
-                     "response_num_tokens": len(rollout.token_ids)})
+    rows = [reward_row(prompts[r.prompt_index].row, r.text, len(r.token_ids)) for r in rollouts]
     return score_batch(rows, config=tr.cfg.reward)
 
 
-def _finish(tr: Trainer, prompts, rollouts, results, *, rounds: int) -> tuple[RolloutBatch, dict[str, float]]:
+def _per_source(prompts, rollouts, results: Sequence[RewardResult]) -> tuple[dict, dict]:
+    """(statistics of every response, {data_source: statistics}) from ``rewards.report.summarize``."""
+    summary = report.summarize([{"data_source": prompts[r.prompt_index].row.data_source} for r in rollouts], results)
+    overall = summary.pop("all", None)
+    return overall or next(iter(summary.values())), summary
+
+
+def _finish(tr: Trainer, prompts, rollouts, results) -> tuple[RolloutBatch, dict[str, float]]:
     pad_id = tr.tokenizer.pad_token_id if tr.tokenizer.pad_token_id is not None else tr.tokenizer.eos_token_id
     batch = pack_rollouts([p.prompt_token_ids for p in prompts], rollouts, [r.total for r in results], pad_id=pad_id)
     return batch, reward_metrics(prompts, rollouts, results, batch)
@@ -106,15 +109,11 @@ def _finish(tr: Trainer, prompts, rollouts, results, *, rounds: int) -> tuple[Ro
 def reward_metrics(prompts, rollouts, results: Sequence[RewardResult], batch: RolloutBatch) -> dict[str, float]:
     """Reward mean/std and each part's mean, accuracy per data source, response lengths."""
     totals = torch.tensor([r.total for r in results], dtype=torch.float64)
-    metrics = {"reward/mean": float(totals.mean()), "reward/std": float(totals.std()) if len(totals) > 1 else 0.0}
-    for part in ("format", "correctness", "length"):
-        metrics[f"reward/{part}/mean"] = sum(getattr(r, part) for r in results) / len(results)
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for rollout, result in zip(rollouts, results, strict=True):
-        by_source[prompts[rollout.prompt_index].row.data_source].append(result.valid)
-    for source, valid in sorted(by_source.items()):
-        metrics[f"acc/{source}"] = sum(valid) / len(valid)
-    metrics["acc/all"] = sum(r.valid for r in results) / len(results)
+    overall, by_source = _per_source(prompts, rollouts, results)
+    metrics = {"reward/mean": overall["reward"], "reward/std": float(totals.std()) if len(totals) > 1 else 0.0,
+               **{f"reward/{part}/mean": overall[part] for part in ("format", "correctness", "length")},
+               **{f"acc/{source}": stats["accuracy"] for source, stats in by_source.items()},
+               "acc/all": overall["accuracy"]}
     lengths = batch.response_lengths.double()
     metrics.update({"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
                     "response_length/clip_ratio": float(batch.truncated.double().mean())})
@@ -129,15 +128,12 @@ def validate(tr: Trainer) -> dict[str, float]:
     sampling = SamplingConfig(n=1, temperature=cfg.rollout.val_temperature, max_tokens=cfg.rollout.max_response_length,
                               seed=cfg.trainer.seed)
     rollouts = tr.engine.generate([list(e.prompt_token_ids) for e in examples], sampling)
-    results = _score(tr, examples, rollouts)
-    by_source: dict[str, list[RewardResult]] = defaultdict(list)
-    for rollout, result in zip(rollouts, results, strict=True):
-        by_source[examples[rollout.prompt_index].row.data_source].append(result)
+    overall, by_source = _per_source(examples, rollouts, _score(tr, examples, rollouts))
     metrics = {}
-    for source, source_results in sorted(by_source.items()):
-        metrics[f"val/test_acc/{source}"] = sum(r.valid for r in source_results) / len(source_results)
-        metrics[f"val/test_score/{source}"] = sum(r.total for r in source_results) / len(source_results)
-    metrics["val/test_acc/all"] = sum(r.valid for r in results) / len(results)
+    for source, stats in by_source.items():
+        metrics[f"val/test_acc/{source}"] = stats["accuracy"]
+        metrics[f"val/test_score/{source}"] = stats["reward"]
+    metrics["val/test_acc/all"] = overall["accuracy"]
     metrics["val/response_length/mean"] = sum(len(r.token_ids) for r in rollouts) / len(rollouts)
     return metrics
 
@@ -149,16 +145,12 @@ def _save_rollouts(tr: Trainer, step: int, prompts, rollouts, results) -> None:
     """Rollout-only mode: append this step's responses to RUN_DIR/rollouts.jsonl (rank 0)."""
     if not tr.is_main:
         return
-    with open(tr.rollout_file, "a", encoding="utf-8") as handle:
-        for rollout, result in zip(rollouts, results, strict=True):
-            prompt = prompts[rollout.prompt_index]
-            handle.write(json.dumps({
-                "step": step, "file": Path(prompt.file).name, "row_index": prompt.row_index,
-                "prompt_token_ids": list(prompt.prompt_token_ids), "prompt_index": rollout.prompt_index,
-                "sample_index": rollout.sample_index, "token_ids": list(rollout.token_ids),
-                "logprobs": list(rollout.logprobs), "finish_reason": rollout.finish_reason, "text": rollout.text,
-                "reward": result.total,
-            }) + "\n")
+    append_records(tr.rollout_file, [{
+        "step": step, "file": Path(prompts[r.prompt_index].file).name, "row_index": prompts[r.prompt_index].row_index,
+        "prompt_token_ids": list(prompts[r.prompt_index].prompt_token_ids), "prompt_index": r.prompt_index,
+        "sample_index": r.sample_index, "token_ids": list(r.token_ids), "logprobs": list(r.logprobs),
+        "finish_reason": r.finish_reason, "text": r.text, "reward": result.total,
+    } for r, result in zip(rollouts, results, strict=True)])
 
 
 def _replay(tr: Trainer, step: int) -> tuple[list[PromptExample], list[Rollout]]:
@@ -203,7 +195,7 @@ def sft_warmup(tr: Trainer, out_dir: Path) -> None:
 
     from megatron_rl.data.builtin import sft_examples
     from megatron_rl.megatron.optim import build_optimizer
-    from megatron_rl.megatron.train_step import LossSettings, MicroBatch, count_valid_tokens, train_step
+    from megatron_rl.megatron.train_step import LossSettings, count_valid_tokens, train_step
 
     cfg = tr.cfg
     rng = random.Random(cfg.trainer.seed)
@@ -214,27 +206,22 @@ def sft_warmup(tr: Trainer, out_dir: Path) -> None:
     for values in truths.values():
         rng.shuffle(values)
     rows = [replace(e.row, ground_truth=truths[e.row.data_source].pop()) for e in examples]
-    targets = [text for _, text in sft_examples(rows)]
     eos = tr.tokenizer.eos_token_id
-    sequences = []
-    for example, target in zip(examples, targets, strict=True):
-        response = tr.tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
-        sequences.append(Rollout(len(sequences), 0, tuple(response), target, (0.0,) * len(response), "stop"))
-    prompts = [e.prompt_token_ids for e in examples]
+    targets = tokenize([text for _, text in sft_examples(rows)], tr.tokenizer)
     optimizer = build_optimizer(tr.policy, replace(cfg.optim, lr=cfg.trainer.sft_lr))
     per_step = cfg.data.batch_size * cfg.rollout.n // tr.info.dp_size
     settings = LossSettings(kind="nll", kl_coef=0.0)
-    order = list(range(len(sequences)))
+    order = list(range(len(examples)))
     rng.shuffle(order)
     for step in range(cfg.trainer.sft_warmup_steps):
-        start = (step * per_step) % len(order)
+        start = ((step * tr.info.dp_size + tr.info.dp_rank) * per_step) % len(order)  # each DP rank its own rows
         chosen = [order[(start + i) % len(order)] for i in range(per_step)]
-        picked = [sequences[i] for i in chosen]
-        picked = [Rollout(j, 0, r.token_ids, r.text, r.logprobs, "stop") for j, r in enumerate(picked)]
-        batch = pack_rollouts([prompts[i] for i in chosen], picked, [0.0] * len(picked), pad_id=eos)
-        zeros = torch.zeros_like(batch.rollout_logprobs)
-        micro = [MicroBatch(batch.input_ids[rows], batch.response_mask[rows], zeros[rows], zeros[rows])
-                 for rows in torch.arange(len(batch)).split(cfg.algorithm.micro_batch_size)]
+        responses = [Rollout(j, 0, (*targets[i], eos), "", (0.0,) * (len(targets[i]) + 1), "stop")
+                     for j, i in enumerate(chosen)]
+        batch = pack_rollouts([examples[i].prompt_token_ids for i in chosen], responses, [0.0] * per_step, pad_id=eos)
+        micro = make_micro_batches(batch, torch.arange(per_step), micro_batch_size=cfg.algorithm.micro_batch_size,
+                                   loss_mask=batch.response_mask, old_logprobs=None, ref_logprobs=None,
+                                   advantages=torch.zeros_like(batch.rollout_logprobs))
         result = train_step(tr.policy, optimizer, micro, global_num_tokens=count_valid_tokens(micro),
                             vocab_size=tr.hf_config.vocab_size, settings=settings)
         if tr.is_main:
@@ -254,8 +241,7 @@ def export_hf(tr: Trainer, out_dir: Path) -> None:
     else:
         for _ in tensors:  # the other ranks take part in the gathers
             pass
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()  # the directory exists for every rank once this returns
+    barrier()  # the directory exists for every rank once this returns
 
 
 def write_checkpoint_metadata(path: Path, cfg, model_dir: Path) -> None:

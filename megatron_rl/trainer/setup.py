@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from megatron_rl.checkpoint.hf_io import atomic_dir
 from megatron_rl.config import Config, to_yaml
+from megatron_rl.data.builtin import make_tasks, task_files
 from megatron_rl.megatron.optim import wrap_ddp
-from megatron_rl.megatron.parallel import ParallelInfo
+from megatron_rl.megatron.parallel import ParallelInfo, barrier
 from megatron_rl.trainer.config import TINY_MODEL
 
 __all__ = ["RunInputs", "build_engine", "build_policy", "build_reference", "prepare_inputs"]
@@ -33,41 +33,27 @@ def prepare_inputs(cfg: Config, run_dir: Path, info: ParallelInfo) -> RunInputs:
     model_dir = run_dir / "tiny_model" if cfg.model.path == TINY_MODEL else Path(cfg.model.path)
     tasks_dir = run_dir / "tasks"
     difficulty = cfg.data.builtin_tasks
-    names = (f"train_builtin_{difficulty}.parquet", f"builtin_{difficulty}_test.parquet")
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         if cfg.model.path == TINY_MODEL and not model_dir.is_dir():
             from megatron_rl.testing import tiny_model
 
-            _build_then_rename(model_dir, lambda tmp: tiny_model(tmp, seed=cfg.model.tiny_seed,
-                                                                 num_hidden_layers=cfg.model.tiny_layers))
+            with atomic_dir(model_dir) as tmp:
+                tiny_model(tmp, seed=cfg.model.tiny_seed, num_hidden_layers=cfg.model.tiny_layers)
         if difficulty and not tasks_dir.is_dir():
-            from megatron_rl.data.builtin import make_tasks
-
-            _build_then_rename(tasks_dir, lambda tmp: make_tasks(
-                tmp, num_train=cfg.data.builtin_num_train, num_test=cfg.data.builtin_num_test,
-                seed=cfg.data.seed, difficulty=difficulty))
-    _barrier()
+            with atomic_dir(tasks_dir) as tmp:
+                make_tasks(tmp, num_train=cfg.data.builtin_num_train, num_test=cfg.data.builtin_num_test,
+                           seed=cfg.data.seed, difficulty=difficulty)
+    barrier()
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model.path={str(model_dir)!r} is not a Hugging Face model directory (no config.json)")
     if difficulty:
-        return RunInputs(model_dir, (str(tasks_dir / names[0]),), (str(tasks_dir / names[1]),))
+        files = task_files(tasks_dir, difficulty)
+        return RunInputs(model_dir, (str(files["train"]),), (str(files["test"]),))
     if not cfg.data.train_files:
         raise ValueError("data.train_files is empty; name parquet files or set data.builtin_tasks=easy")
     return RunInputs(model_dir, cfg.data.train_files, cfg.data.val_files)
-
-
-def _build_then_rename(final: Path, build) -> None:
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    os.replace(tmp, final)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def load_tokenizer_and_config(model_dir: Path) -> tuple[Any, Any]:
@@ -78,38 +64,32 @@ def load_tokenizer_and_config(model_dir: Path) -> tuple[Any, Any]:
 
 def _build_stage(cfg: Config, hf_config: Any, model_dir: Path, info: ParallelInfo) -> torch.nn.Module:
     """This rank's GPTModel stage holding ``model_dir``'s weights."""
-    from megatron_rl.checkpoint.qwen2 import load_hf_into_model
     from megatron_rl.megatron.model import build_gpt_model
 
     dtype = torch.bfloat16 if cfg.optim.uses_bf16 else torch.float32
     model = build_gpt_model(hf_config, params_dtype=dtype, tp_size=info.tp_size, pp_size=info.pp_size,
                             pre_process=info.pp_rank == 0, post_process=info.pp_rank == info.pp_size - 1)
-    load_hf_into_model(model, _hf_state(model_dir), hf_config, tp_rank=info.tp_rank, tp_size=info.tp_size,
-                       pp_rank=info.pp_rank, pp_size=info.pp_size)
+    _load_hf(model, model_dir, hf_config, info)
     return model
 
 
-def _hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the model's safetensors files (one or an indexed set)."""
-    from safetensors.torch import load_file
+def _load_hf(model: torch.nn.Module, model_dir: Path, hf_config: Any, info: ParallelInfo) -> None:
+    """Copy this rank's shard of ``model_dir``'s weights (one file or an indexed set) into ``model``."""
+    from megatron_rl.checkpoint.hf_io import SafetensorsSource
+    from megatron_rl.checkpoint.qwen2 import load_hf_into_model
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{model_dir} holds no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    return state
+    source = SafetensorsSource(model_dir)
+    state = {name: source.read(name) for name in source.names()}
+    load_hf_into_model(model, state, hf_config, tp_rank=info.tp_rank, tp_size=info.tp_size, pp_rank=info.pp_rank,
+                       pp_size=info.pp_size)
 
 
 def load_weights(policy: torch.nn.Module, optimizer: Any, model_dir: Path, hf_config: Any, info: ParallelInfo) -> None:
     """Copy ``model_dir``'s weights into the policy in place and into the optimizer's fp32 master
     copies (bf16 training keeps those apart from the model's parameters)."""
-    from megatron_rl.checkpoint.qwen2 import load_hf_into_model
     from megatron_rl.megatron.optim import unwrap_ddp
 
-    load_hf_into_model(unwrap_ddp(policy), _hf_state(model_dir), hf_config, tp_rank=info.tp_rank,
-                       tp_size=info.tp_size, pp_rank=info.pp_rank, pp_size=info.pp_size)
+    _load_hf(unwrap_ddp(policy), model_dir, hf_config, info)
     reload = getattr(optimizer, "reload_model_params", None)
     if reload is not None:
         reload()
