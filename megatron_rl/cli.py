@@ -207,7 +207,7 @@ def _prepare_data(args: argparse.Namespace) -> int:
 def _token_counter(tokenizer_dir: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)  # never the dir's own code
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -328,7 +328,7 @@ def compare_logits(hf_dir: str | Path, ckpt_dir: str | Path, *, atol: float = VE
 
     config = load_hf_config(hf_dir)
     ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=False)
     with torch.no_grad():
         hf_logits = hf_model(ids).logits
     del hf_model

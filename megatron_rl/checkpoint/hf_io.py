@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_rl.paths import safe_child
+
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "HFShardWriter",
@@ -32,6 +34,7 @@ __all__ = [
     "atomic_dir",
     "load_hf_config",
     "release_freed_memory",
+    "remove_stale_temporaries",
     "write_model_metadata",
 ]
 
@@ -88,8 +91,8 @@ class SafetensorsSource:
         else:
             raise FileNotFoundError(f"{self.dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
-        for file_name in files:
-            self._scan(self.dir / file_name)
+        for file_name in files:  # names from the index: never a path outside the model directory
+            self._scan(safe_child(self.dir, file_name, field=f"{index} weight_map"))
         if weight_map is not None:
             for name, file_name in weight_map.items():
                 if self.file_of.get(name) != self.dir / file_name:
@@ -195,6 +198,17 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(parent: str | Path) -> list[Path]:
+    """Delete the temporary directories that :func:`atomic_dir` blocks left in ``parent`` when the
+    process was killed inside them (``.NAME.tmp-*``); return them. Call it only while nothing else
+    writes into ``parent``."""
+    parent = Path(parent)
+    stale = sorted(p for p in parent.glob(".*.tmp-*") if p.is_dir()) if parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def load_hf_config(config_or_dir: Any) -> Any:
     """An HF ``PretrainedConfig``: given as one, or read from a directory (or its config.json)."""
     if isinstance(config_or_dir, (str, os.PathLike)):
@@ -203,7 +217,7 @@ def load_hf_config(config_or_dir: Any) -> Any:
         path = Path(config_or_dir)
         if path.is_dir() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json")
-        return AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+        return AutoConfig.from_pretrained(str(path.parent if path.is_file() else path), trust_remote_code=False)
     return config_or_dir
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_rl.data.config import DataConfig
-from megatron_rl.data.schema import PromptRow, SkippedRow, read_rows
+from megatron_rl.data.schema import PromptRow, SkippedRow, field_error, read_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -83,8 +83,9 @@ class PromptDataset:
         self.examples: list[PromptExample] = []
 
         rows, files, row_indices = [], [], []
+        check = template_family_check(tokenizer)
         for file in self.files:
-            file_rows, file_skipped = read_rows(file, skip_bad_rows=skip_bad_rows)
+            file_rows, file_skipped = read_rows(file, skip_bad_rows=skip_bad_rows, check=check)
             rows += file_rows
             files += [file] * len(file_rows)
             row_indices += _kept_indices(len(file_rows), file_skipped)
@@ -173,6 +174,22 @@ def _check_template_family(templated: Sequence[str], tokenizer: PreTrainedTokeni
                     f"prompts are already chat-templated with {marker!r}, which is not a token of this "
                     f"tokenizer: they were rendered for another model family (prompt starts {example[:60]!r})"
                 )
+
+
+def template_family_check(tokenizer: PreTrainedTokenizerBase) -> Callable[[PromptRow, str], None]:
+    """A ``read_rows`` check refusing a templated row (``RowError`` naming file, row and field)
+    whose template marker is no token of ``tokenizer``: it was rendered for another model family."""
+    missing = [marker for marker in FAMILY_TOKENS if marker not in tokenizer.get_vocab()]
+
+    def check(row: PromptRow, where: str) -> None:
+        if row.is_templated:
+            content = row.messages[0][1]
+            for marker in missing:
+                if marker in content:
+                    raise field_error(where, "prompt[0].content", content, f"is chat-templated with {marker!r}, "
+                                      "which is not a token of this tokenizer: rendered for another model family")
+
+    return check
 
 
 def _kept_indices(num_kept: int, skipped: Sequence[SkippedRow]) -> list[int]:

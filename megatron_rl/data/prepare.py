@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from megatron_rl.data.schema import NO_LENGTH_CONTROL, PromptRow, write_rows
+from megatron_rl.paths import check_file_name, safe_child
 from megatron_rl.rewards.score import CHOICE, NUMERIC, OPEN_ENDED, TASK_OF_SOURCE
 from megatron_rl.validation import check_choice, check_range
 
@@ -166,8 +166,11 @@ def _text(record: dict, key: str, where: str) -> str:
     return value
 
 
-def _optional_text(record: dict, key: str) -> str | None:
+def _optional_text(record: dict, key: str, where: str) -> str | None:
+    """A text or number field that may be absent, as text; None when absent or blank."""
     value = record.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise RecordError(f"{where}: field {key!r}={value!r} must be a string or a number")
     return None if value is None or (isinstance(value, str) and not value.strip()) else str(value)
 
 
@@ -204,8 +207,8 @@ def read_medcalc(record: dict, where: str) -> Problem:
         question, answer = f"<Context> {note} </Context> <Question> {asked} </Question>", _text(
             record, "Ground Truth Answer", where
         )
-    return Problem("MedCalc-Bench", question, answer, lower_limit=_optional_text(record, "Lower Limit"),
-                   upper_limit=_optional_text(record, "Upper Limit"), split=_optional_text(record, "split"))
+    return Problem("MedCalc-Bench", question, answer, lower_limit=_optional_text(record, "Lower Limit", where),
+                   upper_limit=_optional_text(record, "Upper Limit", where), split=_optional_text(record, "split", where))
 
 
 def read_mediq(record: dict, where: str) -> Problem:
@@ -216,12 +219,16 @@ def read_mediq(record: dict, where: str) -> Problem:
         question, answer = _text(record, "problem", where), _text(record, "answer", where)
     else:
         context = record.get("context")
-        context = " ".join(context) if isinstance(context, list) else (context or "")
+        if isinstance(context, list) and all(isinstance(part, str) for part in context):
+            context = " ".join(context)
+        elif context is not None and not isinstance(context, str):
+            raise RecordError(f"{where}: field 'context'={context!r} must be a string or a list of strings")
+        context = context or ""
         asked = _text(record, "question", where)
         question = f"<Context>{context}</Context> <Question>{asked}</Question>" if context else asked
         answer = _text(record, "answer_idx", where)
     return Problem("MedIQ", question, _checked_letter(answer.strip(), options, where), options,
-                   split=_optional_text(record, "split"))
+                   split=_optional_text(record, "split", where))
 
 
 def read_medxpertqa(record: dict, where: str) -> Problem:
@@ -231,7 +238,7 @@ def read_medxpertqa(record: dict, where: str) -> Problem:
     question = _text(record, "problem" if "problem" in record else "question", where)
     answer = _text(record, "answer" if "answer" in record else "label", where)
     return Problem("MedXpertQA", question, _checked_letter(answer.strip(), options, where), options,
-                   split=_optional_text(record, "split"))
+                   split=_optional_text(record, "split", where))
 
 
 def read_huatuo(record: dict, where: str) -> Problem:
@@ -243,7 +250,7 @@ def read_huatuo(record: dict, where: str) -> Problem:
         question, answer = _text(record, "Question", where), _text(record, "Response", where)
     if not answer.strip():
         raise RecordError(f"{where}: the answer is empty once its <answer> tags are removed")
-    return Problem("medical-o1-reasoning-SFT", question, answer, split=_optional_text(record, "split"))
+    return Problem("medical-o1-reasoning-SFT", question, answer, split=_optional_text(record, "split", where))
 
 
 def _strip_answer_tags(answer: str) -> str:
@@ -265,7 +272,7 @@ def read_ehrnoteqa(record: dict, where: str) -> Problem:
     asked = _text(record, "question" if "question" in record else "problem", where)
     question = f"<Context>{' '.join(notes)}</Context> <Question>{asked}</Question>" if notes else asked
     return Problem("EHRNoteQA", question, _checked_letter(_text(record, "answer", where).strip(), options, where),
-                   options, split=_optional_text(record, "split"))
+                   options, split=_optional_text(record, "split", where))
 
 
 def read_mmlu_pro(record: dict, where: str) -> Problem:
@@ -273,7 +280,7 @@ def read_mmlu_pro(record: dict, where: str) -> Problem:
     options = _letter_options(record.get("options"), where, "options")
     answer = _text(record, "answer", where).strip()
     return Problem("MMLU-Pro", _text(record, "question", where), _checked_letter(answer, options, where), options,
-                   split=_optional_text(record, "split"))
+                   split=_optional_text(record, "split", where))
 
 
 READERS: dict[str, Callable[[dict, str], Problem]] = {
@@ -289,7 +296,7 @@ READERS: dict[str, Callable[[dict, str], Problem]] = {
 def detect_format(record: dict) -> str | None:
     """The benchmark a raw record comes from, by its fields; None if unrecognised."""
     source = record.get("Source")
-    if source in FORMAT_OF_SOURCE:
+    if isinstance(source, str) and source in FORMAT_OF_SOURCE:  # a list or dict is no key
         return FORMAT_OF_SOURCE[source]
     keys = set(record)
     if {"Lower Limit", "Upper Limit"} & keys or "Ground Truth Answer" in keys:
@@ -325,7 +332,27 @@ def load_records(path: Path) -> list[dict]:
         raise ValueError(f"{path}: cannot read records: {err}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path}: expected a list of JSON objects (records)")
+    for index, record in enumerate(records):
+        for key, value in record.items():
+            if not (_is_utf8(key) and _is_utf8(value)):  # JSON's "\ud800" escapes decode to text no file can hold
+                raise RecordError(f"{path}: record {index}: field {key!r}={value!r:.120} holds a lone surrogate, "
+                                  "which is not valid UTF-8 text")
     return records
+
+
+def _is_utf8(value: object) -> bool:
+    """False if ``value`` (or any text nested in it) cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_utf8(k) and _is_utf8(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_utf8(item) for item in value)
+    return True
 
 
 def split_of_file(path: Path) -> str:
@@ -382,8 +409,9 @@ class PrepareOptions:
         if self.format_name is not None:
             check_choice("--format", self.format_name, FORMATS)
         check_range("--sample-multiple-for-train", self.sample_multiple_for_train, low=1, integer=True)
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ValueError(f"--name={self.name!r} must be a plain file name (letters, digits, _ . -)")
+        if self.name is not None:
+            check_file_name("--name", self.name)
+        check_file_name("--mix-name", self.mix_name)
 
 
 @dataclass
@@ -425,14 +453,16 @@ def prepare(inputs: Sequence[str | Path], output_dir: str | Path, options: Prepa
         repeated = [problem for _ in range(repeats) for problem in split_problems]
         rows = [p.to_row(options.length.draw(rng), split, i, options.system_prompt) for i, p in enumerate(repeated)]
         file_name = {"train": f"train_{name}", "validation": name, "test": f"{name}_test"}[split] + ".parquet"
-        summary.written[file_name] = (name, split, write_rows(output_dir / file_name, rows))
+        path = safe_child(output_dir, file_name, field="--name")
+        summary.written[file_name] = (name, split, write_rows(path, rows))
         if split == "train" and rows and TASK_OF_SOURCE[rows[0].data_source] == CHOICE:
             mix.extend(rows)
     if mix and len({row.data_source for row in mix}) > 1:
         random.Random(options.seed).shuffle(mix)
         mix = [replace(row, index=i) for i, row in enumerate(mix)]
         file_name = f"train_{options.mix_name}.parquet"
-        summary.written[file_name] = (options.mix_name, "train", write_rows(output_dir / file_name, mix))
+        path = safe_child(output_dir, file_name, field="--mix-name")
+        summary.written[file_name] = (options.mix_name, "train", write_rows(path, mix))
     return summary
 
 

@@ -15,7 +15,7 @@ Every error names the file, the row index, the field and the value.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,16 +85,21 @@ class RowError(ValueError):
     """A row that does not fit the schema; the message names file, row, field and value."""
 
 
+def field_error(where: str, field: str, value: object, expected: str) -> RowError:
+    """``RowError("<where>: <field>=<value, shortened> <expected>")``."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    return RowError(f"{where}: {field}={shown} {expected}")
+
+
 def row_from_record(record: dict, *, where: str) -> PromptRow:
     """Check one parquet record; ``where`` (e.g. "train.parquet: row 12") starts every error."""
 
     def fail(field: str, value: object, expected: str) -> RowError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 120 else shown[:117] + "..."
-        return RowError(f"{where}: {field}={shown} {expected}")
+        return field_error(where, field, value, expected)
 
     source = record.get("data_source")
-    if source not in TASK_OF_SOURCE:
+    if not isinstance(source, str) or source not in TASK_OF_SOURCE:  # a list or dict is no key
         raise fail("data_source", source, f"is not a known data_source; known: {', '.join(sorted(TASK_OF_SOURCE))}")
     prompt = record.get("prompt")
     if not isinstance(prompt, (list, tuple)) or not prompt:
@@ -146,9 +151,13 @@ class SkippedRow:
     reason: str
 
 
-def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[PromptRow], list[SkippedRow]]:
+def read_rows(
+    path: str | Path, *, skip_bad_rows: bool = False, check: Callable[[PromptRow, str], None] | None = None
+) -> tuple[list[PromptRow], list[SkippedRow]]:
     """Every row of one parquet file, checked. A bad row raises ``RowError`` unless
-    ``skip_bad_rows``, in which case it is left out and reported in the second list."""
+    ``skip_bad_rows``, in which case it is left out and reported in the second list.
+    ``check(row, where)``: a further test of each row that raises ``RowError`` (e.g. one that
+    needs the tokenizer), applied in the same order."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"parquet file {str(path)!r} does not exist")
@@ -162,7 +171,11 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False) -> tuple[list[Pr
     rows, skipped = [], []
     for index, record in enumerate(table.to_pylist()):
         try:
-            rows.append(row_from_record(record, where=f"{path}: row {index}"))
+            where = f"{path}: row {index}"
+            row = row_from_record(record, where=where)
+            if check is not None:
+                check(row, where)
+            rows.append(row)
         except RowError as err:
             if not skip_bad_rows:
                 raise

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megatron_rl.data.dataset import render_prompts, tokenize
+from megatron_rl.data.dataset import render_prompts, template_family_check, tokenize
 from megatron_rl.data.schema import PromptRow, read_rows
 from megatron_rl.evaluation import metrics, results
 from megatron_rl.evaluation.budgets import LENGTH_MODES, budget_num_tokens, with_budget
@@ -116,8 +116,9 @@ class EvalPrompt:
 def build_prompts(config: EvalConfig, tokenizer) -> list[EvalPrompt]:
     """Every (row, budget) prompt in run order: file by file, row by row, budget by budget."""
     entries = []
+    check = template_family_check(tokenizer)
     for path in config.data:
-        rows, _ = read_rows(path)
+        rows, _ = read_rows(path, check=check)
         for index, row in enumerate(rows[: config.limit]):
             where = f"{path}: row {index}"
             for budget in config.budgets or (None,):
@@ -178,8 +179,10 @@ def run_eval(config: EvalConfig, engine: RolloutEngine | None = None, *, progres
     from transformers import AutoConfig, AutoTokenizer
 
     out = Path(config.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    max_model_len = config.max_model_len or AutoConfig.from_pretrained(config.model).max_position_embeddings
+    # Never the model directory's own code (config.json "auto_map"), and no prompt asking to run it.
+    tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=False)
+    max_model_len = config.max_model_len or AutoConfig.from_pretrained(
+        config.model, trust_remote_code=False).max_position_embeddings
     prompts = build_prompts(config, tokenizer)
     too_long = [p for p in prompts if len(p.token_ids) + config.max_tokens > max_model_len]
     if too_long:

@@ -76,8 +76,11 @@ def init_parallel(
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
-    elif dist.get_backend() != backend:
+        # With nccl, CPU tensors (batch shapes, loss totals, agreement flags) travel on gloo: one group
+        # serves both devices, and Megatron's subgroups inherit it.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
+                                init_method="env://")
+    elif backend not in str(dist.get_backend()):
         raise ValueError(f"backend={backend!r} but the existing process group uses {dist.get_backend()!r}")
     world_size = dist.get_world_size()
     if world_size % (tp * pp):

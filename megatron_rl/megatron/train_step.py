@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -209,8 +210,6 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-
     names = ("loss", "pg_loss", "kl", "entropy", "rollout_logprob_gap", *_CLIP_METRICS)
     totals = torch.zeros(len(names), dtype=torch.float64)
     pp_size = pp_group.size()
@@ -222,6 +221,25 @@ def train_step(
     if pp_size > 1:
         dist.broadcast(totals, src=dist.get_global_rank(pp_group, pp_size - 1), group=pp_group)
     result = dict(zip(names, totals.tolist(), strict=True))
+    # Megatron's fp32 and bf16 optimizers (no loss scaler) step on whatever the gradients hold: a NaN
+    # would reach every weight. A non-finite loss or gradient anywhere skips the step on every rank.
+    if math.isfinite(result["loss"]) and _gradients_finite(model):
+        update_successful, grad_norm, _ = optimizer.step()
+    else:
+        update_successful, grad_norm = False, None
+        optimizer.zero_grad()
     result["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     result["update_successful"] = float(bool(update_successful))
     return result
+
+
+def _gradients_finite(model: torch.nn.Module) -> bool:
+    """Whether every rank's gradients (the DDP main grads, already reduced over DP) are finite.
+    Collective over the whole world (every rank runs train_step)."""
+    grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+             for p in model.parameters()]
+    checks = [torch.isfinite(g).all() for g in grads if g is not None]
+    finite = (torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)).to("cpu", torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

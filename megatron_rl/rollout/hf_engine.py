@@ -40,8 +40,9 @@ class TransformersEngine:
         check_choice("rollout.dtype", dtype, DTYPES)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_dir = Path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                          trust_remote_code=False).to(self.device)
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
         if eos is None:

@@ -15,6 +15,7 @@ trace of it, and the previous complete one untouched.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rl.megatron.parallel import barrier
 
@@ -32,6 +34,8 @@ __all__ = ["CheckpointManager", "TrainerState"]
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+FULL_DISK_BYTES = 64 * 2**20  # less free space than this when a save fails: report the disk as full
+FILES_KEY = "files"  # in STATE_FILE: every other file of the checkpoint and its size in bytes
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TrainerState = dict[str, Any]
 
@@ -92,21 +96,48 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        write_shards(tmp)
-        barrier()
+        try:
+            write_shards(tmp)
+            barrier()
+            if self.rank == 0:
+                if write_extra is not None:
+                    write_extra(tmp)
+                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, FILES_KEY: files}, indent=1,
+                                                         sort_keys=True))
+                _fsync_tree(tmp)
+        except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+            raise self._save_failed(step, tmp, err) from err
         if self.rank == 0:
-            if write_extra is not None:
-                write_extra(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, sort_keys=True))
-            _fsync_tree(tmp)
             if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
+                self._discard(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
             for _, old in self.complete()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                self._discard(old)
         barrier()
         return final
+
+    def _save_failed(self, step: int, tmp: Path, err: Exception) -> OSError:
+        """The error of a save that failed part-way (disk full, quota, I/O error): the partial directory
+        is deleted (freeing its space) and the message says what survives."""
+        free = shutil.disk_usage(self.root).free  # before the partial directory gives its space back
+        full = free < FULL_DISK_BYTES
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = self.complete()
+        kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "there is no earlier checkpoint"
+        return OSError(errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
+                       f"could not write the checkpoint of step {step} to {tmp} ({_last_line(err)}); "
+                       f"{free / 2**20:.1f} MiB were free on {self.root}{' (the disk is full)' if full else ''}; "
+                       f"{kept}; the partial directory is deleted. Fix the cause and rerun with --resume auto")
+
+    def _discard(self, path: Path) -> None:
+        """Delete a checkpoint directory: first renamed to a temporary name (atomic), so a kill during
+        the deletion leaves no half-deleted directory under a checkpoint's name."""
+        doomed = self.root / f".tmp-delete-{path.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def load_latest(self, load_shards) -> tuple[int, TrainerState] | None:
         """Load the newest checkpoint that loads: ``load_shards(dir)`` runs on every rank (collective)
@@ -122,10 +153,20 @@ class CheckpointManager:
                     problem = f"{type(err).__name__}: {err}"
                 ok = _all_agree(problem is None)
             if ok:
-                return step, json.loads((path / STATE_FILE).read_text())
+                state = json.loads((path / STATE_FILE).read_text())
+                state.pop(FILES_KEY, None)
+                return step, state
             if self.rank == 0:
-                log.warning("checkpoint %s is damaged (%s); trying the previous one", path, problem or "on another rank")
+                log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path,
+                            problem or "on another rank")
         return None
+
+
+def _last_line(err: BaseException) -> str:
+    """``Type: message`` of ``err``; for torch's CheckpointException (which embeds each rank's
+    traceback) the last line, the underlying error."""
+    text = f"{type(err).__name__}: {err}".strip()
+    return text.splitlines()[-1] if isinstance(err, CheckpointException) else text
 
 
 def _check_state(path: Path, step: int) -> str | None:
@@ -137,6 +178,12 @@ def _check_state(path: Path, step: int) -> str | None:
         return f"{file}: {err}"
     if not isinstance(state, dict) or state.get("step") != step:
         return f"{file}: step {state.get('step') if isinstance(state, dict) else state!r} != {step} (directory name)"
+    for name, size in state.get(FILES_KEY, {}).items():  # every file the save wrote, at its size
+        written = path / name
+        if not written.is_file():
+            return f"{written}: missing (listed in {file})"
+        if written.stat().st_size != size:
+            return f"{written}: {written.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
     return None
 
 

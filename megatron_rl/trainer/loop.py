@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl import algorithms
+from megatron_rl.checkpoint.hf_io import remove_stale_temporaries
 from megatron_rl.config import Config
 from megatron_rl.data.dataset import PromptDataset, PromptExample, PromptSampler
 from megatron_rl.megatron.forward import forward_logprobs
@@ -40,7 +41,7 @@ from megatron_rl.megatron.train_step import LossSettings, count_valid_sequences,
 from megatron_rl.trainer import phases, setup
 from megatron_rl.trainer.batch import RolloutBatch, broadcast_batch, make_micro_batches
 from megatron_rl.trainer.checkpoint import CheckpointManager
-from megatron_rl.trainer.metrics import METRICS_FILE, MetricsWriter, PhaseTimer, truncate_metrics
+from megatron_rl.trainer.metrics import METRICS_FILE, ROLLOUTS_FILE, MetricsWriter, PhaseTimer, truncate_step_records
 
 __all__ = ["Trainer", "train"]
 
@@ -94,13 +95,14 @@ class Trainer:
         self.fed_engine = self.engine if self.feeds_engine else None  # what the weight sync feeds here
         self.sync = setup.build_weight_sync(cfg, self.policy, self.hf_config)
         reference_dir = self._sft_warmup_or_resume()
+        self._drop_records_after(self.step_count)
         self.reference = (setup.build_reference(cfg, self.hf_config, reference_dir, self.info)
                           if cfg.algorithm.kl_coef > 0 else None)
         self.sync.push(self.fed_engine)
         self.metrics = (MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard,
                                       wandb_project=cfg.trainer.wandb_project,
                                       config=dataclasses.asdict(cfg)) if self.is_main else None)
-        self.rollout_file = self.run_dir / "rollouts.jsonl"
+        self.rollout_file = self.run_dir / ROLLOUTS_FILE
 
     # ------------------------------------------------------------------ the loop
 
@@ -252,6 +254,8 @@ class Trainer:
         model directory (the model RL starts from)."""
         cfg = self.cfg.trainer
         self.checkpoints.remove_partial()
+        if self.is_main:  # what a kill inside an atomic write left behind (tiny model, SFT model, hf/)
+            remove_stale_temporaries(self.run_dir)
         reference_dir = phases.sft_model_dir(self.run_dir) if cfg.sft_warmup_steps else self.inputs.model_dir
         if cfg.resume == "auto":
             from megatron_rl.checkpoint.distributed import load_checkpoint
@@ -262,9 +266,8 @@ class Trainer:
                 self.sampler.load_state_dict(state["sampler"])
                 self.nonfinite_streak = state.get("nonfinite_streak", 0)
                 if self.is_main:
-                    dropped = truncate_metrics(self.run_dir / METRICS_FILE, self.step_count)
-                    print(f"resumed from {self.checkpoints.step_dir(self.step_count)} (step {self.step_count}); "
-                          f"{dropped} metric lines of later steps dropped", flush=True)
+                    print(f"resumed from {self.checkpoints.step_dir(self.step_count)} (step {self.step_count})",
+                          flush=True)
                 return reference_dir
         elif self.checkpoints.complete():
             raise ValueError(f"trainer.resume=never but {self.checkpoints.root} holds checkpoints; "
@@ -275,6 +278,17 @@ class Trainer:
             phases.sft_warmup(self, reference_dir)
             setup.load_weights(self.policy, self.optimizer, reference_dir, self.hf_config, self.info)
         return reference_dir
+
+    def _drop_records_after(self, step: int) -> None:
+        """Drop what an interrupted attempt logged after ``step`` (the step this run starts from, 0 when
+        no checkpoint was found): those steps run again, and their lines would otherwise appear twice."""
+        if not self.is_main:
+            return
+        for path in (self.run_dir / METRICS_FILE, self.run_dir / ROLLOUTS_FILE):
+            dropped = truncate_step_records(path, step)
+            if dropped:
+                print(f"{path}: {dropped} lines of steps after {step} dropped (an interrupted attempt's; "
+                      "those steps run again)", flush=True)
 
     def _check_batch_shape(self) -> None:
         alg, data, n = self.cfg.algorithm, self.cfg.data, self.cfg.rollout.n

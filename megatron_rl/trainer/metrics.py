@@ -19,8 +19,9 @@ from typing import Any
 from megatron_rl.jsonl import append_records, rewrite_records
 
 METRICS_FILE = "metrics.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"  # rollout-only mode's responses, one line per response
 
-__all__ = ["METRICS_FILE", "MetricsWriter", "PhaseTimer", "read_metrics", "truncate_metrics"]
+__all__ = ["METRICS_FILE", "ROLLOUTS_FILE", "MetricsWriter", "PhaseTimer", "read_metrics", "truncate_step_records"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -37,8 +38,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> int:
-    """Rewrite ``path`` atomically keeping the records of steps <= ``last_step``; return how many
+def truncate_step_records(path: str | Path, last_step: int) -> int:
+    """Rewrite a JSON-lines file of ``step`` records (metrics.jsonl, rollouts.jsonl) atomically, keeping
+    the records of steps <= ``last_step`` and dropping a partly written last line; return how many
     records were dropped. A missing file is left missing."""
     path = Path(path)
     if not path.exists():

@@ -174,6 +174,13 @@ def _replay(tr: Trainer, step: int) -> tuple[list[PromptExample], list[Rollout]]
             prompts.append(by_key[key])
         rollouts.append(Rollout(index_of[record["prompt_index"]], record["sample_index"], tuple(record["token_ids"]),
                                 record["text"], tuple(record["logprobs"]), record["finish_reason"]))
+    n = tr.cfg.rollout.n
+    samples = [sorted(r.sample_index for r in rollouts if r.prompt_index == i) for i in range(len(prompts))]
+    incomplete = [i for i, indices in enumerate(samples) if indices != list(range(n))]
+    if incomplete:
+        raise ValueError(f"trainer.replay_rollouts={tr.cfg.trainer.replay_rollouts!r}: at step {step} prompt "
+                         f"{incomplete[0]} has samples {samples[incomplete[0]]}, not 0..{n - 1} (rollout.n={n}); "
+                         "the file is cut short or was made with another rollout.n")
     return prompts, rollouts
 
 

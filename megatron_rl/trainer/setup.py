@@ -59,7 +59,8 @@ def prepare_inputs(cfg: Config, run_dir: Path, info: ParallelInfo) -> RunInputs:
 def load_tokenizer_and_config(model_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
+    return (AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False),
+            AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
 
 
 def _build_stage(cfg: Config, hf_config: Any, model_dir: Path, info: ParallelInfo) -> torch.nn.Module:

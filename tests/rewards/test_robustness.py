@@ -18,7 +18,8 @@ CONFIGS = [RewardConfig(), RewardConfig(reward_type="continuous", reward_metric=
                                         choice_parsing="lenient", answer_fallback="boxed", length_formula="l1",
                                         bleu_percent=True)]
 # A complexity check, not a speed measurement (bench/rewards.py measures speed): linear
-# scoring takes milliseconds here, a quadratic regex or LCS takes minutes.
+# scoring takes milliseconds here, a quadratic regex or LCS takes minutes. CPU time of this
+# thread, so that other jobs on a loaded machine cannot fail it.
 BLOW_UP_SECONDS = 3.0
 
 
@@ -61,10 +62,10 @@ def adversarial_responses() -> dict[str, object]:
 @pytest.mark.parametrize("source", sorted(TASK_OF_SOURCE))
 def test_adversarial_responses_get_a_well_defined_score_quickly(source: str, config: RewardConfig) -> None:
     for name, response in adversarial_responses().items():
-        start = time.perf_counter()
+        start = time.thread_time()
         result = score(source, response, TRUTH[source], lower_limit="24", upper_limit="26",
                        num_tokens=-300, response_num_tokens=10_000, config=config)
-        elapsed = time.perf_counter() - start
+        elapsed = time.thread_time() - start
         assert well_defined(result), (source, name, result)
         assert elapsed < BLOW_UP_SECONDS, (source, name, elapsed)
 

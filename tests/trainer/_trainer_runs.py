@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file
-
-from megatron_rl.trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
@@ -51,27 +47,6 @@ def run_train(out: Path, *overrides: str, nproc: int = 1, timeout: float = 600) 
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def kill_when(out: Path, condition: Callable[[Path], bool], *overrides: str, timeout: float = 600) -> None:
-    """Start a run and SIGKILL it (the whole process group) as soon as ``condition(out)`` holds."""
-    proc = subprocess.Popen(train_command(out, *overrides), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not condition(out):
-            assert proc.poll() is None, f"run ended before the kill point:\n{proc.stderr.read().decode()[-4000:]}"
-            assert time.monotonic() < deadline, "kill point not reached in time"
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def logged_steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    return [r["step"] for r in read_metrics(path)] if path.exists() else []
 
 
 def comparable(records: Sequence[dict]) -> list[dict]:

@@ -3,7 +3,7 @@
 import json
 import math
 
-from megatron_rl.trainer.metrics import MetricsWriter, PhaseTimer, read_metrics, truncate_metrics
+from megatron_rl.trainer.metrics import MetricsWriter, PhaseTimer, read_metrics, truncate_step_records
 
 
 def test_writer_appends_records_and_maps_non_finite_values_to_null(tmp_path):
@@ -18,9 +18,9 @@ def test_writer_appends_records_and_maps_non_finite_values_to_null(tmp_path):
 def test_truncate_drops_later_steps_and_a_partial_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(5)) + '{"step": 5, "x"')
-    assert truncate_metrics(path, 2) == 2  # steps 3 and 4 (the partial line is not a record)
+    assert truncate_step_records(path, 2) == 2  # steps 3 and 4 (the partial line is not a record)
     assert [r["step"] for r in read_metrics(path)] == [0, 1, 2]
-    assert truncate_metrics(tmp_path / "missing.jsonl", 1) == 0
+    assert truncate_step_records(tmp_path / "missing.jsonl", 1) == 0
 
 
 def test_phase_timer_accumulates_per_phase():
