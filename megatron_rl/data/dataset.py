@@ -137,10 +137,10 @@ class PromptDataset:
 
 
 def render_prompts(rows: Sequence[PromptRow], tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Each row's prompt text: a templated row's content as is, other rows through the chat
-    template (with the generation prompt), in one batched call."""
+    """Each row's prompt text: a templated row's content as is (rows read with
+    :func:`template_family_check`, which refuses one rendered for another model family), other rows
+    through the chat template (with the generation prompt), in one batched call."""
     texts: list[str | None] = [row.messages[0][1] if row.is_templated else None for row in rows]
-    _check_template_family([text for text in texts if text is not None], tokenizer)
     todo = [i for i, text in enumerate(texts) if text is None]
     if todo:
         if not getattr(tokenizer, "chat_template", None):
@@ -158,22 +158,6 @@ def tokenize(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[l
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-
-
-def _check_template_family(templated: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> None:
-    """Raise if already-templated prompts use a template whose special tokens the tokenizer lacks
-    (e.g. Qwen's "<|im_start|>" with a Llama tokenizer): the prompts were made for another model."""
-    if not templated:
-        return
-    vocab = tokenizer.get_vocab()
-    for marker in FAMILY_TOKENS:
-        if marker not in vocab:
-            example = next((text for text in templated if marker in text), None)
-            if example is not None:
-                raise ValueError(
-                    f"prompts are already chat-templated with {marker!r}, which is not a token of this "
-                    f"tokenizer: they were rendered for another model family (prompt starts {example[:60]!r})"
-                )
 
 
 def template_family_check(tokenizer: PreTrainedTokenizerBase) -> Callable[[PromptRow, str], None]:
