@@ -1,6 +1,7 @@
 """Rollout speed: generated tokens/second of the vLLM engine against transformers ``generate``.
 
     .venv/bin/python bench/rollout.py [--threads 2] [--prompts 16] [--n 4] [--max-tokens 64] [--dtype float32]
+                                      [--cpu-gemm plain,packed]
 
 Same run, same model (the tiny Qwen2 of megatron_rl.testing, random weights, or ``--model-dir``), same
 prompts (random token ids, 8-32 tokens, seeded), same sampling (temperature 1, top_p 1, ``--n`` samples
@@ -8,7 +9,9 @@ per prompt, at most ``--max-tokens`` tokens, stop on EOS). vLLM runs through
 :class:`~megatron_rl.rollout.vllm_engine.VLLMEngine` (in-process, continuous batching); the baseline is
 one batched transformers ``generate`` call over all prompts (left padding, ``num_return_sequences=n``).
 Tokens are the response tokens each produced (up to and including EOS); the best of ``--repeats`` runs
-counts. Prints both rates and their ratio (vLLM / transformers).
+counts. Prints both rates and their ratio (vLLM / transformers). On CPU the engine runs once per
+``--cpu-gemm`` mode (``VLLMEngine(cpu_gemm=...)``: linear layers on their plain weights, which a weight
+push copies in place, or on vLLM's oneDNN-packed copies, which it re-packs), one after the other.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, help="an HF checkpoint (default: the tiny test model)")
+    parser.add_argument("--cpu-gemm", default="plain,packed", help="comma-separated VLLMEngine cpu_gemm modes (CPU)")
     args = parser.parse_args()
 
     import torch
@@ -84,25 +88,32 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or tiny_model(Path(tmp) / "tiny")
-        engine = VLLMEngine(model_dir, dtype=args.dtype, max_model_len=512, seed=0)
-        torch.set_num_threads(args.threads)
         stop_ids = _stop_ids(model_dir)
-        prompts = make_prompts(args.prompts, engine.vocab_size - 3)  # not the special tokens
         sampling = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
+        modes = ["default"] if torch.cuda.is_available() else args.cpu_gemm.split(",")
+        vllm_rates = {}
+        for mode in modes:
+            gemm = {} if mode == "default" else {"cpu_gemm": mode}
+            engine = VLLMEngine(model_dir, dtype=args.dtype, max_model_len=512, seed=0, **gemm)
+            torch.set_num_threads(args.threads)
+            prompts = make_prompts(args.prompts, engine.vocab_size - 3)  # not the special tokens
 
-        def vllm_run() -> int:
-            return sum(len(r.token_ids) for r in engine.generate(prompts, sampling))
+            def vllm_run(engine=engine, prompts=prompts) -> int:
+                return sum(len(r.token_ids) for r in engine.generate(prompts, sampling))
 
-        vllm_run()  # warm-up
-        vllm_rate, vllm_tokens = best_rate(vllm_run, args.repeats)
+            vllm_run()  # warm-up
+            vllm_rates[mode] = best_rate(vllm_run, args.repeats)
+            engine.close()
         hf, params = transformers_run(model_dir, prompts, args, stop_ids)
         hf()  # warm-up
         hf_rate, hf_tokens = best_rate(hf, args.repeats)
     print(f"model: {params / 1e6:.1f}M params ({args.dtype}), {args.prompts} prompts x n={args.n}, "
           f"<= {args.max_tokens} tokens, temperature 1, {args.threads} threads")
-    print(f"vLLM engine:            {vllm_rate:8.0f} tokens/s ({vllm_tokens} tokens)")
-    print(f"transformers generate:  {hf_rate:8.0f} tokens/s ({hf_tokens} tokens)")
-    print(f"ratio vLLM / transformers: {vllm_rate / hf_rate:.2f}x")
+    for mode, (vllm_rate, vllm_tokens) in vllm_rates.items():
+        label = "vLLM engine" + ("" if mode == "default" else f", cpu_gemm={mode}")
+        print(f"{label + ':':32s}{vllm_rate:8.0f} tokens/s ({vllm_tokens} tokens), "
+              f"{vllm_rate / hf_rate:.2f}x transformers")
+    print(f"{'transformers generate:':32s}{hf_rate:8.0f} tokens/s ({hf_tokens} tokens)")
     os._exit(0)  # skip vLLM's shutdown at exit
 
 

@@ -1,6 +1,7 @@
 """Weight sync speed: from "optimizer step finished" to "the vLLM engine serves the new weights".
 
-    .venv/bin/python bench/weight_sync.py [--tp 1,2] [--threads 2] [--bucket-mib 512] [--pushes 3]
+    .venv/bin/python bench/weight_sync.py [--tp 1,2] [--cpu-gemm plain,packed] [--threads 2] [--bucket-mib 512]
+                                          [--pushes 3]
     .venv/bin/python bench/weight_sync.py --gpu        # Qwen2.5-7B shape, bf16, TP=1; only where CUDA exists
 
 A Qwen2.5-0.5B-shaped Megatron model (494M parameters, tied embeddings, random weights, fp32 on CPU) is
@@ -8,16 +9,18 @@ built at each TP size (TP=2: two processes, gloo); every process starts an in-pr
 same config with vLLM's dummy weights (DESIGN.md: the gloo group first, then vLLM), and rank 0 feeds it.
 After a warm-up push and a weight update (every parameter changed in place: the "optimizer step"), it
 times ``WeightSync.push`` (gather, un-fuse, cast, bucket, ``load_weights`` and vLLM's repacking), then a
-one-token generation proves the engine serves. Baseline, measured in the same process right after:
-the memory-bandwidth floor, one ``copy_`` of every byte the engine receives into a buffer already
-touched. Printed: push seconds (median) and the part spent inside ``engine.load_weights``, floor seconds,
-their ratio, and the feeding rank's peak extra memory during a push (CPU: resident memory sampled every
-2 ms, above that before the push; GPU: the torch allocator's peak above its allocation before it).
+one-token generation proves the engine serves. Baseline, measured in the same process right after each
+push (the shared machine's load changes by the second): the memory-bandwidth floor, one ``copy_`` of every
+byte the engine receives into a buffer already touched. Printed: push seconds (median) and the part spent
+inside ``engine.load_weights``, floor seconds (median), the median of the per-push ratios, and the feeding rank's peak extra memory during a push (CPU: resident memory sampled every
+2 ms, above that before the push; GPU: the torch allocator's peak above its allocation before it), and
+the memory the sync keeps between pushes (its reused buffers).
 
-glibc hands freed blocks over 32 MiB back to the OS, so each push page-faults fresh memory for every
-tensor it allocates (the export's and vLLM's reload's); measured here, a copy into fresh memory cost 7-10x
-one into touched memory. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` in the environment
-keeps freed memory in the process (it roughly halved the push here); the workers inherit it.
+On CPU each ``--cpu-gemm`` mode of the engine is measured (``VLLMEngine(cpu_gemm=...)``): 'plain' (a push
+copies into the engine's weights in place) and 'packed' (vLLM's oneDNN-packed weights, re-packed by its
+``reload_weights`` on every push). glibc hands freed blocks over 32 MiB back to the OS, so memory a push
+allocates is page-faulted in again on every push (a copy into fresh memory cost 7-10x one into touched
+memory here): the sync reuses its buffers, but vLLM's reload allocates per push in 'packed' mode.
 """
 
 from __future__ import annotations
@@ -84,21 +87,22 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-def copy_floor_seconds(num_bytes: int, device, repeats: int = 3) -> float:
-    """Fastest of ``repeats`` copies of ``num_bytes`` into a buffer already written once."""
-    import torch
+class CopyFloor:
+    """One copy of ``num_bytes`` into a buffer already written, timed on demand (both buffers kept)."""
 
-    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.zeros_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        sync_device(device)
+    def __init__(self, num_bytes: int, device) -> None:
+        import torch
+
+        self.device = device
+        self.src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+        self.dst = torch.zeros_like(self.src)
+
+    def seconds(self) -> float:
+        sync_device(self.device)
         start = time.perf_counter()
-        dst.copy_(src)
-        sync_device(device)
-        best = min(best, time.perf_counter() - start)
-    del src, dst
-    return best
+        self.dst.copy_(self.src)
+        sync_device(self.device)
+        return time.perf_counter() - start
 
 
 def sync_device(device) -> None:
@@ -126,6 +130,8 @@ def worker(args: argparse.Namespace) -> None:
     info = init_parallel(tp=args.tp)  # the process group before vLLM
     dtype = torch.bfloat16 if gpu else torch.float32
     engine_kwargs = {"gpu_memory_utilization": 0.4} if gpu else {"kv_cache_memory_bytes": 256 << 20}
+    if not gpu:
+        engine_kwargs["cpu_gemm"] = args.cpu_gemm
     engine = VLLMEngine(args.model_dir, dtype=str(dtype).removeprefix("torch."), max_model_len=512, seed=0,
                         load_format="dummy", **engine_kwargs)
     hf_config = AutoConfig.from_pretrained(args.model_dir)
@@ -133,7 +139,8 @@ def worker(args: argparse.Namespace) -> None:
     feeds = info.tp_rank == 0
     sync = WeightSync(model, hf_config, bucket_bytes=args.bucket_mib << 20, dtype=dtype)
     sync.push(engine if feeds else None)  # warm-up: first-call costs (allocator, oneDNN primitives)
-    seconds, loads, peaks, serve = [], [], [], []
+    floor = CopyFloor(sync.plan.num_bytes, sync.device) if feeds else None
+    seconds, loads, peaks, serve, floors = [], [], [], [], []
     for step in range(args.pushes):
         with torch.no_grad():  # the optimizer step: every parameter changes in place
             for param in model.parameters():
@@ -154,20 +161,21 @@ def worker(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             engine.generate([[1, 2, 3]], SamplingConfig(temperature=0.0, max_tokens=1))
             serve.append(time.perf_counter() - start)
+            floors.append(floor.seconds())
     if feeds:
-        floor = copy_floor_seconds(sync.plan.num_bytes, sync.device)
         print("RESULT " + json.dumps({
             "tp": args.tp, "params": sum(p.numel() for p in model.parameters()) * args.tp,
             "bytes": sync.plan.num_bytes, "buckets": len(sync.plan.buckets), "push_s": statistics.median(seconds),
-            "pushes_s": seconds, "load_s": statistics.median(loads), "floor_s": floor,
-            "peak_extra_rss": max(peaks), "first_token_s": min(serve),
+            "pushes_s": seconds, "load_s": statistics.median(loads), "floor_s": statistics.median(floors),
+            "floors_s": floors, "ratio": statistics.median(s / f for s, f in zip(seconds, floors, strict=True)),
+            "peak_extra_rss": max(peaks), "first_token_s": min(serve), "kept_bytes": sync.buffer_bytes,
         }), flush=True)
     dist.barrier()
     destroy_parallel()
     os._exit(0)  # skip vLLM's engine shutdown at exit (it tears down the process group again)
 
 
-def launch(args: argparse.Namespace, tp: int) -> dict:
+def launch(args: argparse.Namespace, tp: int, cpu_gemm: str) -> dict:
     """Run ``tp`` worker processes (env:// rendezvous) and return rank 0's RESULT."""
     import socket
 
@@ -179,7 +187,8 @@ def launch(args: argparse.Namespace, tp: int) -> dict:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp),
                    LOCAL_RANK=str(rank), VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu"))
         cmd = [sys.executable, __file__, "--worker", "--tp", str(tp), "--model-dir", str(args.model_dir),
-               "--threads", str(args.threads), "--bucket-mib", str(args.bucket_mib), "--pushes", str(args.pushes)]
+               "--threads", str(args.threads), "--bucket-mib", str(args.bucket_mib), "--pushes", str(args.pushes),
+               "--cpu-gemm", cpu_gemm]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [proc.communicate()[0] for proc in procs]
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
@@ -194,6 +203,7 @@ def main() -> None:
     parser.add_argument("--tp", default="1,2", help="comma-separated TP sizes (one run each)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split over the ranks)")
     parser.add_argument("--bucket-mib", type=int, default=512)
+    parser.add_argument("--cpu-gemm", default="plain,packed", help="comma-separated VLLMEngine cpu_gemm modes (CPU)")
     parser.add_argument("--pushes", type=int, default=3, help="timed pushes (after one warm-up)")
     parser.add_argument("--gpu", action="store_true", help="Qwen2.5-7B shape, bf16, on CUDA")
     parser.add_argument("--num-layers", type=int, help="override the number of layers (a quicker, smaller run)")
@@ -217,17 +227,21 @@ def main() -> None:
         tps = [int(t) for t in str(args.tp).split(",")]
         if args.gpu:
             tps = [1]  # one GPU
-        for tp in tps:
-            r = launch(args, tp)
-            print(f"TP={r['tp']}: {r['params'] / 1e6:.0f}M params, {r['bytes'] / 2**20:.0f} MiB in {r['buckets']} "
-                  f"buckets of <= {args.bucket_mib} MiB")
-            print(f"  push (step done -> engine serves): {r['push_s']:.3f} s (median of {r['pushes_s']})")
-            print(f"    of which in engine.load_weights (vLLM reload + CPU repacking): {r['load_s']:.3f} s; "
+        modes = ["default"] if args.gpu else args.cpu_gemm.split(",")
+        for tp, mode in ((tp, mode) for mode in modes for tp in tps):
+            r = launch(args, tp, mode)
+            print(f"TP={r['tp']}, cpu_gemm={mode}: {r['params'] / 1e6:.0f}M params, {r['bytes'] / 2**20:.0f} MiB in "
+                  f"{r['buckets']} buckets of <= {args.bucket_mib} MiB")
+            print(f"  push (step done -> engine serves): {r['push_s']:.3f} s (median of "
+                  f"{[round(s, 3) for s in r['pushes_s']]})")
+            print(f"    of which in engine.load_weights: {r['load_s']:.3f} s; "
                   f"gather + un-fuse + cast + bucket: {r['push_s'] - r['load_s']:.3f} s")
-            print(f"  memory-bandwidth floor (one copy_ of every byte): {r['floor_s']:.3f} s")
-            print(f"  ratio push / floor: {r['push_s'] / r['floor_s']:.1f}x   (target <= 3x)")
+            print(f"  memory-bandwidth floor (one copy_ of every byte, after each push): {r['floor_s']:.3f} s "
+                  f"(median of {[round(s, 3) for s in r['floors_s']]})")
+            print(f"  ratio push / floor (median of the per-push ratios): {r['ratio']:.1f}x   (target <= 3x)")
             where = "GPU memory (torch allocator)" if args.gpu else "RSS"
-            print(f"  peak extra {where} of the feeding rank during a push: {r['peak_extra_rss'] / 2**20:.0f} MiB")
+            print(f"  peak extra {where} of the feeding rank during a push: {r['peak_extra_rss'] / 2**20:.0f} MiB; "
+                  f"buffers the sync keeps between pushes: {r['kept_bytes'] / 2**20:.0f} MiB")
             print(f"  first generated token after the push: {r['first_token_s'] * 1e3:.0f} ms")
 
 

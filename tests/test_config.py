@@ -35,6 +35,7 @@ def test_yaml_base_then_file_then_overrides(tmp_path: Path) -> None:
         (["reward.check_think=maybe"], r"reward.check_think"),
         (["reward.reward_type=binary"], r"reward.reward_type='binary' is not allowed; choose one of 'discrete', 'continuous'"),
         (["reward.threshold"], r"override 'reward.threshold' must look like section.field=value"),
+        (["rollout.cpu_gemm=fast"], r"rollout.cpu_gemm='fast' is not allowed; choose one of 'plain', 'packed'"),
     ],
 )
 def test_bad_overrides_name_the_key_and_value(overrides: list[str], message: str) -> None:

@@ -11,8 +11,13 @@ What this module adds to plain ``vllm.LLM``, each covered by a test in tests/rol
 * the trainer's process is left as it was: torch's thread count and ``set_num_threads``
   (vLLM's CPU worker replaces it with a no-op) and the Python/NumPy/torch RNG states (vLLM
   reseeds them) are restored after start-up;
-* on CPU a tied LM head is re-packed after each push (vLLM keeps multiplying by a packed copy
-  of the old embedding otherwise: logprobs off by ~0.9 nats on the tiny model);
+* on CPU, ``cpu_gemm="plain"`` keeps the linear layers' plain weights and multiplies with
+  ``torch.nn.functional.linear``, so a push is an in-place copy into the engine's tensors (near the
+  memory-bandwidth floor); the default, ``"packed"``, is vLLM's own CPU path: oneDNN-packed copies,
+  2-3x faster GEMMs at decode batch sizes, which ``reload_weights`` re-allocates and re-packs on
+  every push (4-7 s for a 0.5B model);
+* with ``cpu_gemm="packed"`` a tied LM head is re-packed after each push (vLLM keeps multiplying
+  by a packed copy of the old embedding otherwise: logprobs off by ~0.9 nats on the tiny model);
 * a push holding only part of a fused layer (q without k/v, gate without up) is refused
   instead of silently corrupting it (NaN logprobs).
 
@@ -26,6 +31,7 @@ processes. Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -52,6 +58,9 @@ CPU_MAX_BATCHED_TOKENS = 8192
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 """KV cache size on CPU when none is given (vLLM would otherwise take ~90% of the RAM)."""
+
+CPU_GEMMS = ("plain", "packed")
+"""How the engine's linear layers multiply on CPU; see :class:`VLLMEngine` (``cpu_gemm``)."""
 
 
 def _import_vllm() -> Any:
@@ -95,6 +104,12 @@ class VLLMEngine:
             share it). Reset after every weight push.
         enable_sleep_mode: Let :meth:`sleep` free GPU memory while the trainer runs (colocated
             mode; GPU only, vLLM has no sleep mode on CPU). When False, sleep/wake_up are no-ops.
+        cpu_gemm: How linear layers and the LM head multiply on CPU (ignored on GPU). 'packed'
+            (vLLM's default): by oneDNN-packed copies of the weights; every push re-allocates and
+            re-packs each layer (vLLM's ``reload_weights``: 4-7 s for a 0.5B model here). 'plain': by
+            their weight tensor with ``torch.nn.functional.linear``; :meth:`load_weights` copies new
+            weights into those tensors in place (a copy of every byte, nothing allocated), but a GEMM
+            at decode batch sizes took 2-3x as long as the packed one (0.5B shapes, fp32, 16 rows).
         **llm_kwargs: Passed to ``vllm.LLM`` unchanged (e.g. tensor_parallel_size).
 
     Raises:
@@ -113,11 +128,13 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool = False,
+        cpu_gemm: str = "packed",
         **llm_kwargs: Any,
     ) -> None:
         on_gpu = torch.cuda.is_available()
         dtype = dtype if dtype is not None else ("bfloat16" if on_gpu else "float32")
         check_choice("rollout.dtype", dtype, DTYPES)
+        check_choice("rollout.cpu_gemm", cpu_gemm, CPU_GEMMS)
         check_range("rollout.max_model_len", max_model_len, low=1, integer=True)
         check_range("rollout.gpu_memory_utilization", gpu_memory_utilization, low=0.0, low_inclusive=False, high=1.0)
         if kv_cache_memory_bytes is None and not on_gpu:
@@ -141,7 +158,10 @@ class VLLMEngine:
         # process keeps its thread count, that function and its RNG states.
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
         rng_states = _rng_states()
+        self.plain_cpu_gemms = not on_gpu and cpu_gemm == "plain"
         try:
+            if self.plain_cpu_gemms:
+                _keep_plain_cpu_weights(True)
             self.llm = vllm.LLM(
                 model=str(model_dir),
                 dtype=dtype,
@@ -156,6 +176,8 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         finally:
+            if self.plain_cpu_gemms:
+                _keep_plain_cpu_weights(False)
             torch.set_num_threads = set_num_threads
             set_num_threads(num_threads)
             _set_rng_states(rng_states)
@@ -164,6 +186,8 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self._checkpoint_names = _checkpoint_names(self.model_dir)
         self._closed = False
+        if self.plain_cpu_gemms:
+            self.llm.apply_model(_use_plain_cpu_gemms)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """Sample ``sampling.n`` responses per prompt, ordered by prompt then sample."""
@@ -205,6 +229,10 @@ class VLLMEngine:
         gate/up of an MLP): vLLM rebuilds a fused layer from what one call gave it, and a part
         left out would come back as garbage (seen here: NaN logprobs). Checked against the
         checkpoint's tensor names, see :func:`check_weight_names`.
+
+        With plain CPU GEMMs (``cpu_gemm="plain"``) the model's own ``load_weights`` (vLLM's
+        weight loaders) copies each tensor into the engine's weights; otherwise vLLM's
+        ``reload_weights`` rebuilds (and on CPU re-packs) every layer it receives.
         """
         self._check_open()
         weights = list(weights)
@@ -212,9 +240,13 @@ class VLLMEngine:
             raise ValueError("load_weights got no tensors")
         if self._checkpoint_names is not None:
             check_weight_names([name for name, _ in weights], self._checkpoint_names)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        if not torch.cuda.is_available() and any("embed_tokens" in n or "lm_head" in n for n, _ in weights):
-            self.llm.apply_model(_repack_cpu_gemms_that_keep_weights)  # only they keep (and tie) weights
+        if self.plain_cpu_gemms:
+            self.llm.apply_model(functools.partial(_copy_into_model, weights))
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                              "is_checkpoint_format": True})
+            if not torch.cuda.is_available() and any("embed_tokens" in n or "lm_head" in n for n, _ in weights):
+                self.llm.apply_model(_repack_cpu_gemms_that_keep_weights)  # only they keep (and tie) weights
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -315,6 +347,41 @@ def _set_rng_states(states: tuple[Any, Any, torch.Tensor]) -> None:
     random.setstate(python_state)
     np.random.set_state(numpy_state)
     torch.set_rng_state(torch_state)
+
+
+def _keep_plain_cpu_weights(keep: bool) -> None:
+    """Make vLLM's CPU linear layers built from now on keep their weight and multiply with
+    ``torch.nn.functional.linear`` (vLLM's ``_cpu_skip_gemm_dispatch`` switch, set on the class
+    while the engine loads its model), or stop doing so for later engines."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    if keep:
+        LinearBase._cpu_skip_gemm_dispatch = True
+    elif "_cpu_skip_gemm_dispatch" in vars(LinearBase):
+        del LinearBase._cpu_skip_gemm_dispatch
+
+
+def _use_plain_cpu_gemms(model: torch.nn.Module) -> None:
+    """Runs in the worker after loading: every CPU GEMM (linear layers, embedding / LM head) multiplies
+    by its weight tensor with ``torch.nn.functional.linear``, also after a later vLLM reload.
+
+    Raises:
+        RuntimeError: a layer has dropped its weight (it was packed, the switch did not take).
+    """
+    for name, module in model.named_modules():
+        if not hasattr(module, "cpu_linear"):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            raise RuntimeError(f"{name} keeps only a packed copy of its weight; cannot use plain CPU GEMMs")
+        module._cpu_skip_gemm_dispatch = True
+        module.cpu_linear = torch.nn.functional.linear
+
+
+@torch.no_grad()
+def _copy_into_model(weights: list[tuple[str, torch.Tensor]], model: torch.nn.Module) -> None:
+    """Runs in the worker: the model's own weight loaders copy HF-named tensors into its weights."""
+    model.load_weights(weights)
 
 
 def _repack_cpu_gemms_that_keep_weights(model: torch.nn.Module) -> None:

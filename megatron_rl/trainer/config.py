@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_rl.algorithms import AGGREGATION_MODES, KL_KINDS
+from megatron_rl.rollout.vllm_engine import CPU_GEMMS
 from megatron_rl.validation import check_choice, check_range
 
 TINY_MODEL = "tiny"
@@ -91,6 +92,11 @@ class RolloutConfig:
     check_weights: bool = False
     """After every sync, check that each engine weight equals the trainer's (costs one extra copy)."""
 
+    cpu_gemm: str = "packed"
+    """How the vLLM engine multiplies on CPU (ignored on GPU): 'packed' (vLLM's oneDNN-packed weights,
+    1.4-1.9x faster generation; every sync re-packs each layer) or 'plain' (the weights as they are; a
+    sync is an in-place copy, within 2-3x of one copy of every byte). See docs/architecture.md."""
+
     def __post_init__(self) -> None:
         check_choice("rollout.backend", self.backend, ROLLOUT_BACKENDS)
         check_choice("rollout.mode", self.mode, ROLLOUT_MODES)
@@ -101,6 +107,7 @@ class RolloutConfig:
         check_range("rollout.top_k", self.top_k, low=-1, integer=True)
         check_range("rollout.max_response_length", self.max_response_length, low=1, integer=True)
         check_range("rollout.kv_cache_gib", self.kv_cache_gib, low=0.0, low_inclusive=False)
+        check_choice("rollout.cpu_gemm", self.cpu_gemm, CPU_GEMMS)
         check_range("rollout.gpu_memory_utilization", self.gpu_memory_utilization, low=0.0, low_inclusive=False,
                     high=1.0)
 

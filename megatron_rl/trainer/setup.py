@@ -132,7 +132,7 @@ def build_engine(cfg: Config, model_dir: Path, info: ParallelInfo):
     kv_bytes = None if torch.cuda.is_available() else int(cfg.rollout.kv_cache_gib * (1 << 30))
     return VLLMEngine(model_dir, max_model_len=max_len, kv_cache_memory_bytes=kv_bytes, seed=cfg.trainer.seed,
                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                      enable_sleep_mode=cfg.rollout.enable_sleep_mode)
+                      enable_sleep_mode=cfg.rollout.enable_sleep_mode, cpu_gemm=cfg.rollout.cpu_gemm)
 
 
 def build_weight_sync(cfg: Config, policy: torch.nn.Module, hf_config: Any):

@@ -4,7 +4,9 @@ Pure code (no process groups): :class:`~megatron_rl.weight_sync.sync.WeightSync`
 per model and streams every sync through it. The names, split kinds and layouts come from the checkpoint
 map (:mod:`megatron_rl.checkpoint.qwen2`, one source of truth); this module only adds what streaming
 needs: the HF shapes of every parameter (found by running the map's own un-sharding on meta tensors),
-the fused groups that must travel together, and bucket boundaries.
+where each HF tensor's slices lie in the TP shards (the same un-sharding run on index tensors, so a sync
+copies slices into place instead of concatenating and splitting), the fused groups that must travel
+together, and bucket boundaries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from megatron_rl.checkpoint.qwen2 import OUTPUT_LAYER, _check_same, _from_shards
 from megatron_rl.megatron.model import GPTShape
 from megatron_rl.rollout.vllm_engine import FUSED_GROUPS
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "Entry", "Plan", "build_plan", "fused_key", "pack_buckets"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "Entry", "Piece", "Plan", "build_plan", "fused_key", "pack_buckets"]
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 """Bytes per bucket handed to the engine in one ``load_weights`` call (a larger unit goes alone)."""
@@ -28,11 +30,24 @@ _PROJ = re.compile(r"^(?P<prefix>.*\.)(?P<proj>[a-z_]+_proj)\.(?:weight|bias)$")
 
 
 @dataclasses.dataclass(frozen=True)
+class Piece:
+    """Where the slices of one HF tensor come from in the TP shards of its parameter.
+
+    The shards are joined along ``dim``; ``segments`` lists ``(shard, start in the shard, start in the HF
+    tensor, length)`` runs along ``dim`` that fill the HF tensor in order (the other dimensions are
+    taken whole). Found by running the checkpoint map's own un-sharding on index tensors.
+    """
+
+    dim: int
+    segments: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Entry:
     """One Megatron parameter of the model replica and the full HF tensors it becomes.
 
     ``shard_shape`` is the shape on each TP rank of stage ``stage``; ``hf_shapes`` are the shapes of
-    ``hf_names`` after the TP gather, un-fusing and vocabulary cut.
+    ``hf_names`` after the TP gather, un-fusing and vocabulary cut; ``pieces`` say where each comes from.
     """
 
     stage: int
@@ -41,10 +56,16 @@ class Entry:
     kind: str
     shard_shape: tuple[int, ...]
     hf_shapes: tuple[tuple[int, ...], ...]
+    pieces: tuple[Piece, ...]
 
     def num_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of the HF tensors of this entry in ``dtype``."""
         return sum(_numel(s) for s in self.hf_shapes) * dtype.itemsize
+
+    @property
+    def shards_used(self) -> frozenset[int]:
+        """The TP ranks whose shard any HF tensor of this entry takes from (only rank 0's when replicated)."""
+        return frozenset(segment[0] for piece in self.pieces for segment in piece.segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +166,8 @@ def build_plan(
             shard = tuple(shapes[mname])
             meta = [torch.empty(shard, device="meta")] * tp_size
             hf_shapes = tuple(tuple(t.shape) for t in _from_shards(shape, kind, meta))
-            entry = Entry(stage, mname, hf_names, kind, shard, hf_shapes)
+            pieces = _pieces(shape, kind, shard, hf_shapes, tp_size)
+            entry = Entry(stage, mname, hf_names, kind, shard, hf_shapes, pieces)
             if shape.tied_embeddings and mname == OUTPUT_LAYER[0]:
                 tied_copy = entry  # the engine's head is its embedding: sent once, from stage 0
             else:
@@ -159,6 +181,40 @@ def build_plan(
         tuple(i for u in bucket for i in unit_list[u]) for bucket in pack_buckets(sizes, bucket_bytes)
     )
     return Plan(shape, tp_size, pp_size, dtype, bucket_bytes, tuple(entries), tied_copy, buckets)
+
+
+def _pieces(shape: GPTShape, kind: str, shard: tuple[int, ...], hf_shapes: Sequence[tuple[int, ...]],
+            tp_size: int) -> tuple[Piece, ...]:
+    """The :class:`Piece` of each HF tensor of a parameter: the map's ``_from_shards`` is run on shards
+    that hold their own indices along one dimension (size 1 along the others); the first dimension whose
+    indices come out with the HF shapes along it (and 1 elsewhere) is the one the shards are joined on.
+
+    Raises:
+        ValueError: no dimension works (the map moved elements within more than one dimension).
+    """
+    for dim, size in enumerate(shard):
+        probe_shape = [1] * len(shard)
+        probe_shape[dim] = size
+        parts = [torch.arange(p * size, (p + 1) * size).reshape(probe_shape) for p in range(tp_size)]
+        outs = _from_shards(shape, kind, parts)
+        if all(_fits(o.shape, hf, shard, dim) for o, hf in zip(outs, hf_shapes, strict=True)):
+            return tuple(Piece(dim, _segments(o.reshape(-1), size)) for o in outs)
+    raise ValueError(f"cannot stream {kind} shards of shape {shard}: the map moves elements in more than one dim")
+
+
+def _fits(out: torch.Size, hf: tuple[int, ...], shard: tuple[int, ...], dim: int) -> bool:
+    return len(out) == len(hf) == len(shard) and all(
+        (o == h) if d == dim else (o == 1 and h == s) for d, (o, h, s) in enumerate(zip(out, hf, shard)))
+
+
+def _segments(ids: torch.Tensor, size: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Runs of consecutive indices within one shard: ``(shard, start in it, start in ids, length)``."""
+    if ids.numel() == 0:
+        return ()
+    part = ids // size
+    breaks = (torch.nonzero((ids[1:] != ids[:-1] + 1) | (part[1:] != part[:-1])).flatten() + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, ids.numel()]
+    return tuple((int(part[a]), int(ids[a] % size), a, b - a) for a, b in zip(starts, ends, strict=True))
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -1,13 +1,16 @@
 """Stream a Megatron model replica's weights into a rollout engine as full, HF-named tensors.
 
 Every rank of a model replica (its TP x PP ranks) runs :class:`WeightSync` collectively. Per
-parameter, in the plan's order: the TP ranks of the stage that owns it cast their shard to the engine
-dtype and gather it to their TP rank 0, which un-fuses it with the checkpoint map (per-group QKV,
-gate/up, vocabulary padding cut) and, on a later stage, sends the HF tensors to stage 0. **Rank 0 of
-each replica (tp_rank 0, pp_rank 0) feeds the engine**: it collects the tensors into buckets of at most
+parameter, in the plan's order: the TP ranks of the stage that owns it gather their shards to their TP
+rank 0, which un-fuses them the way the checkpoint map does (per-group QKV, gate/up, vocabulary padding
+cut; the plan turns the map into slice copies, :class:`~megatron_rl.weight_sync.plan.Piece`), casts them
+to the engine dtype and, on a later stage, sends the HF tensors to stage 0. **Rank 0 of each replica
+(tp_rank 0, pp_rank 0) feeds the engine**: it collects the tensors into buckets of at most
 ``bucket_bytes`` that keep every fused group whole and hands each to ``engine.load_weights``. With data
 parallelism each replica feeds its own engine. Tensors move on the current device (CUDA with NCCL, CPU
-with gloo).
+with gloo); on CPU the TP ranks of one host instead copy their slices straight into a bucket-sized
+shared-memory buffer. A push hands the engine views of the trainer's parameters where an HF tensor is
+one slice of them and otherwise buffers kept across pushes, so after the first push it allocates nothing.
 
     sync = WeightSync(model, hf_config)          # once; the plan is computed here (collective)
     stats = sync.push(engine)                    # after every optimizer step (collective)
@@ -16,6 +19,8 @@ with gloo).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,15 +28,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rl.checkpoint.qwen2 import VOCAB, _check_same, _from_shards, _stage_names, _to_shard
+from megatron_rl.checkpoint.qwen2 import VOCAB, _check_same, _stage_names, _to_shard
 from megatron_rl.megatron.model import GPTShape
 from megatron_rl.megatron.optim import unwrap_ddp
 from megatron_rl.megatron.parallel import pipeline_parallel_group, tensor_parallel_group
-from megatron_rl.weight_sync.plan import DEFAULT_BUCKET_BYTES, Entry, Plan, build_plan
+from megatron_rl.weight_sync.plan import DEFAULT_BUCKET_BYTES, Entry, Piece, Plan, build_plan
 
 __all__ = ["WeightSync"]
 
 Tensor = torch.Tensor
+_SHM_DIR = "/dev/shm"
 Bucket = list[tuple[str, Tensor]]
 
 
@@ -47,6 +53,9 @@ class WeightSync:
             weights and biases of a layer, gate/up of an MLP) is never split, and a tensor or group
             larger than this is sent alone.
         dtype: the engine's weight dtype; tensors are cast to it before they travel.
+        shared_memory: on CPU with TP > 1, gather the TP shards through shared memory when the TP ranks
+            share a host (see :meth:`_open_shared`; falls back to the process group otherwise). False:
+            always through the process group (as with CUDA).
 
     Raises:
         KeyError: the model's parameter names differ from the checkpoint map's (named in the message).
@@ -54,7 +63,7 @@ class WeightSync:
     """
 
     def __init__(self, model: torch.nn.Module, hf_config: Any, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, shared_memory: bool = True) -> None:
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
         self.params = {name: p for name, p in unwrap_ddp(model).named_parameters()}
@@ -67,6 +76,9 @@ class WeightSync:
         shape = GPTShape.from_hf(hf_config)
         self.plan: Plan = build_plan(shape, self._shard_shapes(shape), tp_size=self.tp_size, dtype=dtype,
                                      bucket_bytes=bucket_bytes)
+        self._arena = _Arena(dtype, self.device)
+        self._shared_offsets, self._shared_numel = self._shared_layout()
+        self._shared = self._open_shared() if shared_memory else None
 
     def _shard_shapes(self, shape: GPTShape) -> list[dict[str, tuple[int, ...]]]:
         """Every stage's parameter shapes on one TP rank: each stage broadcasts its own over PP."""
@@ -87,59 +99,205 @@ class WeightSync:
             stages.append({n: tuple(r[1 : 1 + r[0]]) for n, r in zip(names, table.tolist(), strict=True)})
         return stages
 
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this rank's TP group gathers shards through shared memory (see :meth:`_open_shared`)."""
+        return self._shared is not None
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the buffers this rank keeps between syncs (reused buffers and its shared-memory mapping)."""
+        shared = 0 if self._shared is None else self._shared.numel() * self._shared.element_size()
+        return shared + sum(chunk.numel() * chunk.element_size() for chunk in self._arena.chunks)
+
     # -- streaming --------------------------------------------------------------------------------
 
-    def buckets(self) -> Iterator[Bucket]:
+    def buckets(self, *, reuse: bool = False) -> Iterator[Bucket]:
         """Yield the buckets of one sync (collective: every rank of the replica must drain it).
 
         On the rank that feeds the engine each bucket is a list of ``(hf_name, full tensor)`` in the
         engine dtype, on the current device; on the other ranks each bucket is an empty list (the same
         number of buckets everywhere).
+
+        Args:
+            reuse: False: every tensor is freshly allocated and owned by the caller. True (for consumers
+                that copy each bucket before drawing the next, like ``load_weights``): tensors are views
+                of the trainer's parameters where an HF tensor is one slice of them, and otherwise live in
+                buffers kept across syncs (:class:`_Arena`), so a sync after the first allocates nothing;
+                they are valid only until the next bucket is drawn.
         """
         entries = self.plan.entries
+        arena = self._arena if reuse else None
         for indices in self.plan.buckets:
+            bucket_arena = arena or _Arena(self.plan.dtype, self.device)
+            bucket_arena.reset()
+            if self._shared is not None:
+                self._write_shared(indices)
             bucket: Bucket = []
             for index in indices:
-                tensors = self._export(entries[index])
+                tensors = self._export(entries[index], bucket_arena, views=reuse)
                 if self.feeds_engine:
                     bucket.extend(zip(entries[index].hf_names, tensors, strict=True))
             yield bucket
+            if self._shared is not None:
+                dist.barrier(group=self.tp_group)  # TP rank 0 is done with this bucket's shared buffer
 
     @torch.no_grad()
-    def _export(self, entry: Entry) -> list[Tensor] | None:
+    def _export(self, entry: Entry, arena: _Arena, *, views: bool) -> list[Tensor] | None:
         """The HF tensors of one entry on the feeding rank (None elsewhere)."""
         tensors = None
-        if self.pp_rank == entry.stage:
-            shard = self.params[entry.megatron_name].detach().to(device=self.device, dtype=self.plan.dtype)
-            parts = self._gather_tp(shard.contiguous())
+        if self.pp_rank == entry.stage and self._shared is not None:
+            tensors = self._from_shared(entry)
+            if tensors is not None and not views:
+                tensors = [tensor.clone() for tensor in tensors]
+        elif self.pp_rank == entry.stage:
+            parts = self._gather_tp(entry, arena)
             if parts is not None:
-                tensors = _from_shards(self.plan.shape, entry.kind, parts)
+                tensors = [self._assemble(piece, parts, hf_shape, arena, views)
+                           for piece, hf_shape in zip(entry.pieces, entry.hf_shapes, strict=True)]
         if entry.stage != 0 and self.tp_rank == 0:
             if self.pp_rank == entry.stage:
                 for tensor in tensors:
-                    dist.send(tensor.contiguous(), group=self.pp_group, group_dst=0)
+                    dist.send(tensor, group=self.pp_group, group_dst=0)
             elif self.pp_rank == 0:
-                tensors = self._empty_like_hf(entry)
+                tensors = [arena.take(shape) for shape in entry.hf_shapes]
                 for tensor in tensors:
                     dist.recv(tensor, group=self.pp_group, group_src=entry.stage)
         return tensors if self.feeds_engine else None
 
-    def _gather_tp(self, shard: Tensor) -> list[Tensor] | None:
-        """This stage's TP shards of one parameter on TP rank 0 (None on the others).
+    def _gather_tp(self, entry: Entry, arena: _Arena) -> list[Tensor | None] | None:
+        """This stage's TP shards of one parameter on TP rank 0, indexed by TP rank (None on the other
+        ranks). Rank 0's own shard is its parameter as is; a shard no HF tensor takes from is not sent.
 
         Point-to-point rather than ``dist.gather``: on gloo a gather moved 0.1-0.2 GB/s here, send/recv
         0.5-0.9 GB/s; NCCL runs both as the same peer-to-peer transfers.
         """
-        if self.tp_size == 1:
-            return [shard]
+        own = self.params[entry.megatron_name].detach()
+        used = entry.shards_used
         if self.tp_rank != 0:
-            dist.send(shard, group=self.tp_group, group_dst=0)
+            if self.tp_rank in used:
+                dist.send(own.to(device=self.device, dtype=self.plan.dtype).contiguous(), group=self.tp_group,
+                          group_dst=0)
             return None
-        parts = [shard] + [torch.empty_like(shard) for _ in range(1, self.tp_size)]
-        requests = [dist.irecv(part, group=self.tp_group, group_src=i) for i, part in enumerate(parts) if i]
+        parts: list[Tensor | None] = [own] + [arena.take(entry.shard_shape) if i in used else None
+                                              for i in range(1, self.tp_size)]
+        requests = [dist.irecv(part, group=self.tp_group, group_src=i) for i, part in enumerate(parts)
+                    if i and part is not None]
         for request in requests:
             request.wait()
         return parts
+
+    # -- shared-memory TP gather (CPU) ---------------------------------------------------------------
+
+    def _shared_layout(self) -> tuple[dict[tuple[str, int], int], int]:
+        """Element offset of every HF tensor of this stage within its bucket's shared buffer, keyed by
+        (Megatron name, index among its HF tensors), and the largest bucket (elements). Left out: an HF
+        tensor that is one contiguous slice of TP rank 0's shard (rank 0 hands that slice on as is)."""
+        offsets: dict[tuple[str, int], int] = {}
+        largest = 1
+        for indices in self.plan.buckets:
+            offset = 0
+            for index in indices:
+                entry = self.plan.entries[index]
+                if entry.stage != self.pp_rank:
+                    continue
+                for i, (piece, hf_shape) in enumerate(zip(entry.pieces, entry.hf_shapes, strict=True)):
+                    if not self._is_rank0_slice(entry, piece):
+                        offsets[(entry.megatron_name, i)] = offset
+                        offset += math.prod(hf_shape)
+            largest = max(largest, offset)
+        return offsets, largest
+
+    def _is_rank0_slice(self, entry: Entry, piece: Piece) -> bool:
+        if len(piece.segments) != 1 or piece.segments[0][0] != 0:
+            return False
+        if self.params[entry.megatron_name].dtype != self.plan.dtype:
+            return False
+        _, start, _, length = piece.segments[0]
+        return piece.dim == 0 or (start == 0 and length == entry.shard_shape[piece.dim])
+
+    def _open_shared(self) -> Tensor | None:
+        """Shared memory in which the TP ranks of a CPU stage assemble each bucket's HF tensors.
+
+        TP rank 0 maps a file in /dev/shm as large as this stage's largest bucket; the other TP ranks map
+        the same file, then it is unlinked (the mappings stay). Each rank then copies the slices of its
+        own shard straight into place (half the bytes each at TP=2, in parallel) instead of sending them
+        through gloo's loopback TCP (0.5-0.9 GB/s here) to be copied again by rank 0. Returns the mapping,
+        or None (the gloo path is used): not on CPU, TP=1, or a rank could not create or find the file
+        (e.g. TP ranks on different hosts).
+        """
+        if self.device.type != "cpu" or self.tp_size == 1 or not os.path.isdir(_SHM_DIR):
+            return None
+        token = torch.tensor([int.from_bytes(os.urandom(6), "little")])
+        dist.broadcast(token, group=self.tp_group, group_src=0)
+        path = os.path.join(_SHM_DIR, f"megatron_rl_weight_sync_{token.item():x}")
+        shared, ok = None, torch.ones(1)
+        try:
+            if self.tp_rank == 0:
+                shared = torch.from_file(path, shared=True, size=self._shared_numel, dtype=self.plan.dtype)
+            dist.barrier(group=self.tp_group)
+            if self.tp_rank != 0:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{path} (TP rank 0's shared buffer) is not on this host")
+                shared = torch.from_file(path, shared=True, size=self._shared_numel, dtype=self.plan.dtype)
+        except (OSError, RuntimeError):
+            ok.zero_()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.tp_group)
+        if self.tp_rank == 0 and os.path.exists(path):
+            os.unlink(path)
+        return shared if ok.item() else None
+
+    @torch.no_grad()
+    def _write_shared(self, indices: tuple[int, ...]) -> None:
+        """Every TP rank copies (and casts) the slices of its own shards into this bucket's HF tensors in
+        the shared buffer; then the TP group meets, so rank 0 reads complete tensors."""
+        for index in indices:
+            entry = self.plan.entries[index]
+            if entry.stage != self.pp_rank:
+                continue
+            own = self.params[entry.megatron_name].detach()
+            for i, piece in enumerate(entry.pieces):
+                out = self._shared_tensor(entry, i)
+                for shard, start, offset, length in piece.segments if out is not None else ():
+                    if shard == self.tp_rank:
+                        out.narrow(piece.dim, offset, length).copy_(own.narrow(piece.dim, start, length))
+        dist.barrier(group=self.tp_group)
+
+    def _shared_tensor(self, entry: Entry, i: int) -> Tensor | None:
+        """HF tensor ``i`` of ``entry`` in the shared buffer (None when rank 0 hands on its own slice)."""
+        start = self._shared_offsets.get((entry.megatron_name, i))
+        if start is None:
+            return None
+        shape = entry.hf_shapes[i]
+        return self._shared[start : start + math.prod(shape)].view(shape)
+
+    def _from_shared(self, entry: Entry) -> list[Tensor] | None:
+        """On TP rank 0, after :meth:`_write_shared`: the HF tensors of ``entry`` (None elsewhere)."""
+        if self.tp_rank != 0:
+            return None
+        own = self.params[entry.megatron_name].detach()
+        tensors = []
+        for i, piece in enumerate(entry.pieces):
+            tensor = self._shared_tensor(entry, i)
+            if tensor is None:
+                _, start, _, length = piece.segments[0]
+                tensor = own.narrow(piece.dim, start, length)
+            tensors.append(tensor)
+        return tensors
+
+    def _assemble(self, piece: Piece, parts: list[Tensor | None], hf_shape: tuple[int, ...], arena: _Arena,
+                  views: bool) -> Tensor:
+        """One HF tensor from the TP shards: the slice itself when ``views`` and it is one contiguous slice
+        of a shard in the engine dtype, otherwise its slices copied (and cast) into ``arena``."""
+        if views and len(piece.segments) == 1:
+            shard, start, _, length = piece.segments[0]
+            view = parts[shard].narrow(piece.dim, start, length)
+            if view.dtype == self.plan.dtype and view.device == self.device and view.is_contiguous():
+                return view
+        out = arena.take(hf_shape)
+        for shard, start, offset, length in piece.segments:
+            out.narrow(piece.dim, offset, length).copy_(parts[shard].narrow(piece.dim, start, length))
+        return out
 
     def push(self, engine: Any) -> dict[str, float]:
         """Send the current weights to ``engine`` (collective over the replica).
@@ -159,7 +317,7 @@ class WeightSync:
         self._check_engine_arg(engine)
         start = time.perf_counter()
         num_bytes = num_buckets = load_seconds = 0.0
-        for bucket in self.buckets():
+        for bucket in self.buckets(reuse=True):
             if bucket:
                 load_start = time.perf_counter()
                 engine.load_weights(bucket)
@@ -280,3 +438,35 @@ class WeightSync:
             return local.shape[0]
         rows = local.shape[0]
         return max(0, min(rows, self.plan.shape.vocab_size - self.tp_rank * rows))
+
+
+class _Arena:
+    """Bump allocation from buffers kept across syncs.
+
+    Every sync takes the same shapes in the same order, so after the first one :meth:`take` hands out
+    memory that is already mapped: nothing is allocated and no fresh page is faulted in (a copy into
+    fresh memory cost 7-10x one into touched memory on CPU here). :meth:`reset` starts over (per bucket).
+    """
+
+    CHUNK_BYTES = 64 << 20
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.chunks: list[Tensor] = []
+        self.index = self.offset = 0
+
+    def reset(self) -> None:
+        self.index = self.offset = 0
+
+    def take(self, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialised tensor of ``shape``, valid until the next :meth:`reset`."""
+        numel = math.prod(shape)
+        while True:
+            if self.index == len(self.chunks):
+                size = max(numel, self.CHUNK_BYTES // self.dtype.itemsize)
+                self.chunks.append(torch.empty(size, dtype=self.dtype, device=self.device))
+            chunk = self.chunks[self.index]
+            if self.offset + numel <= chunk.numel():
+                self.offset += numel
+                return chunk[self.offset - numel : self.offset].view(shape)
+            self.index, self.offset = self.index + 1, 0

@@ -183,3 +183,34 @@ def test_close_releases_the_process_group(engine: VLLMEngine) -> None:
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="VLLMEngine is closed"):
         engine.generate([[1]], SamplingConfig(max_tokens=1))
+
+
+def _weight_addresses(model: torch.nn.Module) -> dict[str, int]:
+    return {name: p.data_ptr() for name, p in model.named_parameters()}
+
+
+def test_plain_cpu_gemms_take_pushes_in_place(tiny_dir, other_dir, reference) -> None:
+    """cpu_gemm="plain" (after the shared engine is closed: one engine per process at a time): the
+    layers keep their weights, a push copies into them (same storage), and the engine then computes
+    with exactly the pushed tensors: logprobs and greedy as transformers with them, tied head included."""
+    engine = VLLMEngine(tiny_dir, max_model_len=256, seed=0, cpu_gemm="plain")
+    try:
+        assert engine.plain_cpu_gemms
+        sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=10, seed=5)
+        assert max_logprob_error(reference, PROMPTS, engine.generate(PROMPTS, sampling), 1.0) < LOGPROB_ATOL
+        before = engine.llm.apply_model(_weight_addresses)[0]
+        pushed = dict(checkpoint_weights(other_dir))
+        engine.load_weights(pushed.items())
+        assert engine.llm.apply_model(_weight_addresses)[0] == before  # copied in place, nothing re-allocated
+        weights = engine.engine_weights()
+        for name, tensor in pushed.items():
+            assert torch.equal(weights[name], tensor), name
+        assert torch.equal(weights["lm_head.weight"], pushed["model.embed_tokens.weight"])  # the tied head follows
+        new = hf_model(other_dir)
+        assert max_logprob_error(new, PROMPTS, engine.generate(PROMPTS, sampling), 1.0) < LOGPROB_ATOL
+        greedy = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0.0, max_tokens=12))[0]
+        out = new.generate(torch.tensor([PROMPTS[0]]), do_sample=False, max_new_tokens=12,
+                           eos_token_id=list(STOP_IDS), pad_token_id=STOP_IDS[0])
+        assert greedy.token_ids == tuple(out[0, len(PROMPTS[0]):].tolist())
+    finally:
+        engine.close()

@@ -52,9 +52,11 @@ def hf_weights_of(model_dir):
 
 
 def test_tensor_parallel_run_with_weight_checks(tmp_path):
-    """TP=2 on two gloo processes: two steps, the engine's weights checked against the trainer's
-    after every sync (the run fails otherwise), then an HF export transformers loads."""
-    run_train(tmp_path, *FAST, "parallel.tp=2", "trainer.total_steps=2", "rollout.check_weights=true", nproc=2)
+    """TP=2 on two gloo processes, the engine multiplying by plain weights (syncs copy in place): two
+    steps, the engine's weights checked against the trainer's after every sync (the run fails
+    otherwise), then an HF export transformers loads."""
+    run_train(tmp_path, *FAST, "parallel.tp=2", "trainer.total_steps=2", "rollout.check_weights=true",
+              "rollout.cpu_gemm=plain", nproc=2)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["rollout/logprob_gap_mean"] < 1e-4 for r in records)

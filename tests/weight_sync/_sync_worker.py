@@ -8,6 +8,8 @@ engine matches. Per layout (TPxPP, e.g. ``1x1,2x1,1x2``; DP is what the world si
 engine per process (created once, after the gloo group, as DESIGN.md prescribes): check fails before
 the push, push, check passes; greedy and sampled rollouts with the engine's weights and Megatron's
 logprobs of the sampled tokens; then perturb the trainer's weights, push again, and the same again.
+At TP > 1 a second sync that gathers through gloo instead of shared memory pushes once more. Rank 0's
+engine multiplies by plain weights (``cpu_gemm="plain"``), the others' by vLLM's packed copies.
 Saves ``{layout: {...}}`` to OUT_DIR/rank{RANK}.pt."""
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def run_layout(layout: str, model_dir: str, engine) -> dict:
     feeds = info.tp_rank == 0 and info.pp_rank == 0
     engine = engine if feeds else None
     sync = WeightSync(model, hf_config, bucket_bytes=BUCKET_BYTES, dtype=torch.float32)
-    result = {"info": info, "before_push_error": check_fails(sync, engine)}
+    result = {"info": info, "before_push_error": check_fails(sync, engine),
+              "plain_cpu_gemms": engine.plain_cpu_gemms if feeds else None}
     result["stats"] = sync.push(engine)
     sync.check(engine)
     result["engine_weights"] = engine.engine_weights() if feeds else None
@@ -130,6 +133,14 @@ def run_layout(layout: str, model_dir: str, engine) -> dict:
     result["engine_weights2"] = engine.engine_weights() if feeds else None
     result["second"] = rollouts_and_logprobs(unwrap_ddp(model), engine, info, hf_config.vocab_size)
     result["buckets"] = [[name for name, _ in bucket] for bucket in sync.buckets()]
+    result["shared_memory"] = sync.shared_memory
+    if tp > 1:  # the gather through the process group (used with CUDA or across hosts)
+        fallback = WeightSync(model, hf_config, bucket_bytes=BUCKET_BYTES, dtype=torch.float32, shared_memory=False)
+        fill(unwrap_ddp(model), hf_config, info.pp_rank, pp, info.tp_rank, seed=2, scale=0.2, add=True)
+        result["fallback_stale_error"] = check_fails(fallback, engine)
+        fallback.push(engine)
+        fallback.check(engine)
+        assert not fallback.shared_memory
     if feeds:  # one wrong tensor inside a fused group: check must name it
         weights = engine.engine_weights()
         family = [f"model.layers.1.self_attn.{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")]
@@ -147,7 +158,8 @@ def main(out_dir: str, layouts: str, model_dir: str) -> None:
 
     first = layouts.split(",")[0]
     info = init_parallel(*(int(n) for n in first.split("x")))  # the gloo group first, then vLLM
-    engine = VLLMEngine(model_dir, max_model_len=256, kv_cache_memory_bytes=64 << 20, seed=0)
+    engine = VLLMEngine(model_dir, max_model_len=256, kv_cache_memory_bytes=64 << 20, seed=0,
+                        cpu_gemm="plain" if info.rank == 0 else "packed")
     results = {layout: run_layout(layout, model_dir, engine) for layout in layouts.split(",")}
     torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
     destroy_parallel()

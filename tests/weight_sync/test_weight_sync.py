@@ -63,6 +63,8 @@ def _hf_model(model_dir: Path, weights: dict[str, torch.Tensor]):
 
 def test_feeding_ranks(ranks) -> None:
     assert [(layout, r) for layout, r, _ in _feeders(ranks)] == [("1x1", 0), ("1x1", 1), ("2x1", 0), ("1x2", 0)]
+    # rank 0's engine multiplies by plain weights (pushes copy in place), rank 1's by vLLM's packed copies
+    assert [result["plain_cpu_gemms"] for _, _, result in _feeders(ranks)] == [True, False, True, True]
     for layout, r, result in _feeders(ranks):
         # 10 load_weights calls: embedding | per layer: norm+q/k/v | o+norm | gate/up | down | final norm
         assert result["stats"]["buckets"] == 10.0
@@ -149,3 +151,12 @@ def test_engine_logprobs_match_megatron_before_and_after_an_update(ranks, model_
             old_lp = lp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
             worst = max(worst, (torch.tensor(logprobs) - old_lp).abs().max().item())
         assert worst > 0.05, worst
+
+
+def test_tp_shards_travel_through_shared_memory_or_gloo(ranks) -> None:
+    """At TP=2 on one host the shards go through shared memory; the process-group path (CUDA, across
+    hosts) is run too: a sync built with shared_memory=False fails check() after the trainer moved and
+    passes it after its push (inside the worker, which raises otherwise)."""
+    for res in ranks:
+        assert res["2x1"]["shared_memory"] and not res["1x1"]["shared_memory"]
+        assert "max |diff| = " in res["2x1"]["fallback_stale_error"], res["2x1"]["fallback_stale_error"]
