@@ -225,9 +225,8 @@ def train_step(
     # would reach every weight. A non-finite loss or gradient anywhere skips the step on every rank.
     if math.isfinite(result["loss"]) and _gradients_finite(model):
         update_successful, grad_norm, _ = optimizer.step()
-    else:
+    else:  # the gradients are zeroed at the start of the next step
         update_successful, grad_norm = False, None
-        optimizer.zero_grad()
     result["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     result["update_successful"] = float(bool(update_successful))
     return result
@@ -236,8 +235,7 @@ def train_step(
 def _gradients_finite(model: torch.nn.Module) -> bool:
     """Whether every rank's gradients (the DDP main grads, already reduced over DP) are finite.
     Collective over the whole world (every rank runs train_step)."""
-    grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
-             for p in model.parameters()]
+    grads = (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in model.parameters())
     checks = [torch.isfinite(g).all() for g in grads if g is not None]
     finite = (torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)).to("cpu", torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:

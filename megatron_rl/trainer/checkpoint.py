@@ -182,8 +182,8 @@ def _check_state(path: Path, step: int) -> str | None:
         written = path / name
         if not written.is_file():
             return f"{written}: missing (listed in {file})"
-        if written.stat().st_size != size:
-            return f"{written}: {written.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+        if (actual := written.stat().st_size) != size:
+            return f"{written}: {actual} bytes, {size} when saved (truncated or overwritten)"
     return None
 
 

@@ -175,7 +175,9 @@ def _replay(tr: Trainer, step: int) -> tuple[list[PromptExample], list[Rollout]]
         rollouts.append(Rollout(index_of[record["prompt_index"]], record["sample_index"], tuple(record["token_ids"]),
                                 record["text"], tuple(record["logprobs"]), record["finish_reason"]))
     n = tr.cfg.rollout.n
-    samples = [sorted(r.sample_index for r in rollouts if r.prompt_index == i) for i in range(len(prompts))]
+    samples: list[list[int]] = [[] for _ in prompts]
+    for rollout in rollouts:  # sorted by prompt, then sample
+        samples[rollout.prompt_index].append(rollout.sample_index)
     incomplete = [i for i, indices in enumerate(samples) if indices != list(range(n))]
     if incomplete:
         raise ValueError(f"trainer.replay_rollouts={tr.cfg.trainer.replay_rollouts!r}: at step {step} prompt "

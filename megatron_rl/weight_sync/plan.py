@@ -12,6 +12,7 @@ together, and bucket boundaries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 
@@ -41,6 +42,14 @@ class Piece:
     dim: int
     segments: tuple[tuple[int, int, int, int], ...]
 
+    @property
+    def single(self) -> tuple[int, int, int] | None:
+        """``(shard, start, length)`` when the HF tensor is one run of one shard (a slice of it), else None."""
+        if len(self.segments) != 1:
+            return None
+        shard, start, _, length = self.segments[0]
+        return shard, start, length
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -62,7 +71,7 @@ class Entry:
         """Bytes of the HF tensors of this entry in ``dtype``."""
         return sum(_numel(s) for s in self.hf_shapes) * dtype.itemsize
 
-    @property
+    @functools.cached_property
     def shards_used(self) -> frozenset[int]:
         """The TP ranks whose shard any HF tensor of this entry takes from (only rank 0's when replicated)."""
         return frozenset(segment[0] for piece in self.pieces for segment in piece.segments)

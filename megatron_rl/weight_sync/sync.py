@@ -209,11 +209,10 @@ class WeightSync:
         return offsets, largest
 
     def _is_rank0_slice(self, entry: Entry, piece: Piece) -> bool:
-        if len(piece.segments) != 1 or piece.segments[0][0] != 0:
+        """Whether HF tensor ``piece`` is one contiguous slice of TP rank 0's shard, in the engine dtype."""
+        if piece.single is None or piece.single[0] != 0 or self.params[entry.megatron_name].dtype != self.plan.dtype:
             return False
-        if self.params[entry.megatron_name].dtype != self.plan.dtype:
-            return False
-        _, start, _, length = piece.segments[0]
+        _, start, length = piece.single
         return piece.dim == 0 or (start == 0 and length == entry.shard_shape[piece.dim])
 
     def _open_shared(self) -> Tensor | None:
@@ -280,7 +279,7 @@ class WeightSync:
         for i, piece in enumerate(entry.pieces):
             tensor = self._shared_tensor(entry, i)
             if tensor is None:
-                _, start, _, length = piece.segments[0]
+                _, start, length = piece.single
                 tensor = own.narrow(piece.dim, start, length)
             tensors.append(tensor)
         return tensors
@@ -289,8 +288,8 @@ class WeightSync:
                   views: bool) -> Tensor:
         """One HF tensor from the TP shards: the slice itself when ``views`` and it is one contiguous slice
         of a shard in the engine dtype, otherwise its slices copied (and cast) into ``arena``."""
-        if views and len(piece.segments) == 1:
-            shard, start, _, length = piece.segments[0]
+        if views and piece.single is not None:
+            shard, start, length = piece.single
             view = parts[shard].narrow(piece.dim, start, length)
             if view.dtype == self.plan.dtype and view.device == self.device and view.is_contiguous():
                 return view
