@@ -38,7 +38,13 @@ def aggregate(
       over its own valid tokens (GRPO's original length normalisation).
     - 'seq-mean-token-sum-norm': ``sum(loss) / (global_num_seqs * constant)`` (Dr.GRPO); pass
       a constant that stays fixed over training, e.g. the maximum response length; default:
-      this batch's T.
+      this batch's T. This divides by the number of sequences, the Dr.GRPO paper's 1/G. verl's
+      mode of the same name does not: its ``agg_loss`` returns ``sum(loss) / constant``, the
+      number of sequences times ours. Gradients differ by that factor G (sequences per optimizer
+      step): a verl config's gradient-clipping threshold corresponds here to that threshold / G,
+      and for an optimizer that is not scale invariant (SGD) its learning rate to that rate * G.
+      Adam's step is nearly scale invariant, but clipping at the same threshold then fires at a
+      different point.
 
     Default ``global_num_seqs``: this batch's sequences with at least one valid token (fully
     masked padding rows do not count). An empty mask, or a normaliser of 0, gives 0 (still

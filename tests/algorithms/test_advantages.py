@@ -126,9 +126,25 @@ def test_rloo_leave_one_out_by_hand() -> None:
 
 
 def test_rloo_groups_and_group_of_one() -> None:
-    # group 7: 1 - 0 = 1, 0 - 1 = -1; group 2: 3 - 5 = -2, 5 - 3 = 2; group of one: no other response -> 0
+    # group 7: 1 - 0 = 1, 0 - 1 = -1; group 2: 3 - 5 = -2, 5 - 3 = 2;
+    # group of one: no other response, baseline 0 -> the raw reward 2, as Dr.GRPO (and verl's RLOO)
     adv = rloo_advantages(t(MIXED_REWARDS), ids(MIXED_GROUPS))
-    torch.testing.assert_close(adv, t([1, -1, -2, 2, 0]), rtol=0, atol=0)
+    torch.testing.assert_close(adv, t([1, -1, -2, 2, 2]), rtol=0, atol=0)
+
+
+def test_group_of_one_is_handled_alike_by_every_estimator() -> None:
+    # one response of reward 0.25 next to a group [1, 0]: baseline 0, so each passes 0.25 on
+    # (GRPO divides by std 1 + eps); REINFORCE++-baseline then whitens x = [0.5, -0.5, 0.25]
+    rewards, groups = t([1.0, 0.0, 0.25]), ids([0, 0, 1])
+    assert float(grpo_advantages(rewards, groups)[2]) == pytest.approx(0.25 / (1 + EPS), abs=1e-15)
+    assert float(dr_grpo_advantages(rewards, groups)[2]) == 0.25
+    assert float(rloo_advantages(rewards, groups)[2]) == 0.25
+    # x mean 0.25/3, x - mean = [0.41667, -0.58333, 0.16667]; var (0.173611 + 0.340278 + 0.027778) / 2
+    x = [0.5, -0.5, 0.25]
+    mean = sum(x) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / 2)
+    rpp = reinforce_pp_baseline_advantages(rewards, groups)
+    assert float(rpp[2]) == pytest.approx((0.25 - mean) / (std + EPS), abs=1e-12)
 
 
 # --- REINFORCE++-baseline -------------------------------------------------------------------
@@ -149,6 +165,62 @@ def test_reinforce_pp_baseline_by_hand() -> None:
 def test_reinforce_pp_baseline_single_response_is_zero() -> None:
     # x = 3 (group of one); the batch of one has x - mean(x) = 0
     torch.testing.assert_close(reinforce_pp_baseline_advantages(t([3]), ids([0])), t([0]), rtol=0, atol=0)
+
+
+# --- all-equal groups: exactly 0.0 ----------------------------------------------------------
+
+ESTIMATORS = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_baseline_advantages,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [8, 16])
+def test_all_equal_non_representable_rewards_give_exactly_zero(name: str, dtype: torch.dtype, n: int) -> None:
+    # 0.7 is not a binary fraction: float32 sums of 8 or 16 copies round, and the float32 group mean
+    # then differs from 0.7, so GRPO gave every response 0.056 (n = 8) or 0.106 (n = 16), all of one sign
+    adv = ESTIMATORS[name](torch.full((n,), 0.7, dtype=dtype), torch.zeros(n, dtype=torch.long))
+    assert adv.dtype == dtype
+    assert adv.tolist() == [0.0] * n
+
+
+def test_all_equal_float64_rewards_give_exactly_zero() -> None:
+    # float64 has no spare bits: 3 x 0.1 sums to 0.30000000000000004, mean 0.10000000000000002;
+    # only the explicit max == min check makes this 0
+    assert sum([0.1, 0.1, 0.1]) / 3 != 0.1
+    for name, estimator in ESTIMATORS.items():
+        assert estimator(t([0.1, 0.1, 0.1]), ids([0, 0, 0])).tolist() == [0.0] * 3, name
+
+
+def _random_batch(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """400 groups of sizes 2..64 with one random non-representable reward each (all equal within
+    the group), shuffled, plus 40 mixed groups and 10 groups of one that must not disturb them."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(2, 65, (400,), generator=gen)
+    values = torch.rand(400, generator=gen, dtype=torch.float64) * 3 - 1  # random float64, rounded to dtype below
+    flat_rewards = torch.repeat_interleave(values, sizes)
+    flat_groups = torch.repeat_interleave(torch.arange(400), sizes)
+    mixed_rewards = torch.rand(40 * 8 + 10, generator=gen, dtype=torch.float64)
+    mixed_groups = torch.cat([400 + torch.arange(40 * 8) // 8, 440 + torch.arange(10)])
+    rewards = torch.cat([flat_rewards, mixed_rewards]).to(dtype)
+    groups = torch.cat([flat_groups, mixed_groups]) * 7 % 1009  # non-contiguous ids
+    is_flat = torch.arange(len(rewards)) < len(flat_groups)
+    order = torch.randperm(len(rewards), generator=gen)
+    return rewards[order], groups[order], is_flat[order]
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_all_equal_groups_of_2_to_64_give_exactly_zero(name: str, dtype: torch.dtype) -> None:
+    rewards, groups, is_flat = _random_batch(seed=18, dtype=dtype)
+    adv = ESTIMATORS[name](rewards, groups)
+    assert adv.dtype == dtype
+    assert (adv[is_flat] == 0).all(), f"{int((adv[is_flat] != 0).sum())} non-zero advantages in all-equal groups"
+    assert (adv[~is_flat] != 0).sum() > 300  # the mixed groups and groups of one still get a signal
 
 
 # --- group identities that hold for any rewards --------------------------------------------
