@@ -55,7 +55,7 @@ from megatron_rl.checkpoint.qwen2 import EMBEDDING, OUTPUT_LAYER, _check_tp, _st
 from megatron_rl.megatron.model import GPTShape, padded_vocab_size
 
 __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "ConversionResult", "compare_logits", "hf_to_megatron",
-           "megatron_to_hf", "write_hf_checkpoint"]
+           "megatron_to_hf", "one_process_world", "write_hf_checkpoint"]
 
 # Top-level key prefixes of the model's tensors in a distributed checkpoint (others: optimizer, RNG).
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -332,7 +332,7 @@ def compare_logits(hf_dir: str | Path, ckpt_dir: str | Path, *, atol: float = VE
     with torch.no_grad():
         hf_logits = hf_model(ids).logits
     del hf_model
-    with _one_process_world():
+    with one_process_world():
         from megatron_rl.megatron.model import build_gpt_model
 
         model = build_gpt_model(config, make_vocab_size_divisible_by=divisor)
@@ -346,7 +346,7 @@ def compare_logits(hf_dir: str | Path, ckpt_dir: str | Path, *, atol: float = VE
     return diff
 
 
-class _one_process_world:
+class one_process_world:
     """Megatron TP=1/PP=1 in this process: a one-rank gloo world unless one exists already."""
 
     def __enter__(self) -> None:

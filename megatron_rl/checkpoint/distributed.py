@@ -141,6 +141,7 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: Any
         # after a step; create them so that the load can fill them in place.
         inner._init_optimizer_states_with_dummy_values()
     state = _sharded_state(model, optimizer, is_loading=True, rng=rng)
+    _drop_absent_extra_states(state["model"], ckpt_dir)
     state["iteration"] = None
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     unwrap_ddp(model).load_state_dict(loaded["model"], strict=False)
@@ -151,6 +152,28 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: Any
     if rng is not None:
         set_rng_state(loaded[RNG_KEY])
     return int(loaded.get("iteration") or 0)
+
+
+def _drop_absent_extra_states(model_state: dict, ckpt_dir: str | Path) -> list[str]:
+    """Remove from the model's sharded state dict the extra-state objects (``..._extra_state``: no weights,
+    Transformer Engine's FP8 metadata) that the checkpoint does not hold, and return their keys; those
+    modules keep their defaults. A checkpoint converted from HF, or saved without Transformer Engine,
+    lacks the objects that TE modules add (e.g. the final norm's when TE is installed); Megatron would
+    otherwise refuse the load. Tensors are never dropped: a missing weight still fails the load."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_rl.checkpoint.megatron_io import CheckpointReader
+    from megatron_rl.checkpoint.qwen2 import is_extra_state
+
+    stored = set(CheckpointReader(ckpt_dir).object_keys())
+    absent = [name for name, value in model_state.items() if isinstance(value, ShardedObject)
+              and is_extra_state(value.key) and value.unique_key not in stored]
+    for name in absent:
+        del model_state[name]
+    if absent:
+        log.info("%s: %d extra-state objects not in the checkpoint (left at their defaults): %s", ckpt_dir,
+                 len(absent), ", ".join(absent[:4]) + (", ..." if len(absent) > 4 else ""))
+    return absent
 
 
 def _rng_to_load(ckpt_dir: str | Path, content: dict) -> Any:

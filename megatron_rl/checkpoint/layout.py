@@ -1,6 +1,6 @@
 """Where every model tensor lives in a Megatron distributed checkpoint, worked out from the HF config alone.
 
-``GPTModel.sharded_state_dict()`` (local spec) stores each parameter as one *global* tensor: the TP
+``GPTModel.sharded_state_dict()`` stores each parameter as one *global* tensor: the TP
 shards of a rank are chunks of it and the layers of all pipeline stages are stacked on a leading
 layer axis. So the stored model does not depend on the TP/PP layout it was saved at, except for the
 vocabulary padding (embedding and output rows, loaded with ``allow_shape_mismatch``). For a model of
@@ -20,12 +20,19 @@ Keys, global shapes and the HF tensors of layer ``i`` they hold::
     decoder.final_layernorm.weight                                 (H,)        model.norm
     output_layer.weight (untied only)                              (P, H)      lm_head (zero-padded)
 
+The layer keys are the Transformer Engine parameter names whatever the layer spec: the local spec's
+``sharded_state_dict_keys_map`` renames its two norm weights (``input_layernorm.weight``,
+``pre_mlp_layernorm.weight``) to them, and the keys here come from that same map
+(:func:`megatron_rl.checkpoint.qwen2.te_layer_name`), so a checkpoint loads into either spec.
+
 Megatron writes these in chunks of one layer and one TP rank: column-parallel tensors (vocab, q/k/v)
 split on rows, row-parallel ones (o_proj, down_proj) on columns, ``linear_fc1`` as two chunks per rank
 (its gate rows at ``r * F/tp`` and its up rows at ``F + r * F/tp``), norms whole. Each of the four
 linear layers of a layer also has an ``_extra_state`` object (``None`` for the local spec), stored
 once per layer under ``{key}._extra_state/shard_{i}_{L}``. The tests compare all of this with what
-Megatron itself saves.
+Megatron itself saves. Transformer Engine modules add extra-state objects of their own (e.g. the final
+norm's, with TE installed); a converted checkpoint lacks them and
+:func:`megatron_rl.checkpoint.distributed.load_checkpoint` leaves them at their defaults.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ import torch
 
 from megatron_rl.checkpoint.qwen2 import (
     FC1,
+    LAYER_PREFIX,
     QKV,
     REPLICATED,
     ROW_PARALLEL_INPUT,
+    TE,
     VOCAB,
     _check_tp,
     _fuse_qkv,
@@ -52,12 +61,6 @@ from megatron_rl.megatron.model import GPTShape
 
 __all__ = ["Chunk", "HFSource", "ModelTensor", "describe_config", "extra_state_keys", "hf_tensor_shapes", "model_tensors"]
 
-LAYER_PREFIX = "decoder.layers."
-# Parameter names (within a layer) that the local spec's sharded state dict stores under another key.
-_LAYER_KEY_RENAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
 # The linear layers whose (empty) ``_extra_state`` Megatron stores once per layer.
 EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
                        "mlp.linear_fc2")
@@ -223,12 +226,12 @@ def model_tensors(shape: GPTShape, padded_vocab: int) -> list[ModelTensor]:
     """Every model tensor of the checkpoint, in the order of the HF model (embedding, layers, norm, head)."""
     hf_shapes = hf_tensor_shapes(shape)
     out = []
-    for mname, (hf_names, kind) in _stage_names(shape, 0, 1).items():
+    for mname, (hf_names, kind) in _stage_names(shape, 0, 1, TE).items():
         if mname.startswith(LAYER_PREFIX):
-            local = mname.removeprefix(LAYER_PREFIX).split(".", 1)[1]
-            if mname.split(".")[2] != "0":
+            index, name = mname.removeprefix(LAYER_PREFIX).split(".", 1)
+            if index != "0":
                 continue  # one entry per stacked tensor
-            key = LAYER_PREFIX + _LAYER_KEY_RENAMES.get(local, local)
+            key = LAYER_PREFIX + name
             templates = tuple(n.replace("model.layers.0.", "model.layers.{layer}.", 1) for n in hf_names)
             out.append(ModelTensor(key, templates, kind, _layer_shape(kind, hf_names, hf_shapes), shape.num_layers))
         else:

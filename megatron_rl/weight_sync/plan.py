@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from megatron_rl.checkpoint.qwen2 import OUTPUT_LAYER, _check_same, _from_shards, _stage_names
+from megatron_rl.checkpoint.qwen2 import OUTPUT_LAYER, _check_same, _from_shards, _stage_names, layer_spec_of
 from megatron_rl.megatron.model import GPTShape
 from megatron_rl.rollout.vllm_engine import FUSED_GROUPS
 
@@ -157,20 +157,24 @@ def build_plan(
     Args:
         shape: the model's numbers (``GPTShape.from_hf``).
         shard_shapes: ``shard_shapes[pp_rank]`` maps each Megatron parameter name of that stage to its
-            shape on one TP rank.
+            shape on one TP rank (local or Transformer Engine names, the same on every stage).
         tp_size: tensor-parallel size of the replica.
         dtype: the engine's dtype (bucket sizes are counted in it).
         bucket_bytes: most bytes per bucket; fused groups and larger tensors are never split.
 
     Raises:
         KeyError: a stage's parameter names differ from the checkpoint map's (names them).
+        ValueError: the stages do not all use the same layer naming (local or Transformer Engine).
     """
     pp_size = len(shard_shapes)
+    namings = [layer_spec_of(shapes) for shapes in shard_shapes]
+    if len(set(namings)) > 1:
+        raise ValueError(f"pipeline stages use different layer names: {namings} (local / Transformer Engine)")
     entries: list[Entry] = []
     tied_copy = None
     for stage, shapes in enumerate(shard_shapes):
-        names = _stage_names(shape, stage, pp_size)
-        _check_same(set(shapes), set(names), f"Megatron stage {stage}", "qwen2 map")
+        names = _stage_names(shape, stage, pp_size, namings[stage])
+        _check_same(set(shapes), set(names), f"Megatron stage {stage}", f"qwen2 map ({namings[stage]} layer names)")
         for mname, (hf_names, kind) in names.items():
             shard = tuple(shapes[mname])
             meta = [torch.empty(shard, device="meta")] * tp_size

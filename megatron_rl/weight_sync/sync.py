@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rl.checkpoint.qwen2 import VOCAB, _check_same, _stage_names, _to_shard
+from megatron_rl.checkpoint.qwen2 import LAYER_NAMINGS, VOCAB, _check_same, _stage_names, _to_shard, layer_spec_of
 from megatron_rl.megatron.model import GPTShape
 from megatron_rl.megatron.optim import unwrap_ddp
 from megatron_rl.megatron.parallel import pipeline_parallel_group, tensor_parallel_group
@@ -57,9 +57,12 @@ class WeightSync:
             share a host (see :meth:`_open_shared`; falls back to the process group otherwise). False:
             always through the process group (as with CUDA).
 
+    The model may have the local spec's or Transformer Engine's parameter names
+    (:func:`~megatron_rl.checkpoint.qwen2.layer_spec_of`); the engine gets HF names either way.
+
     Raises:
         KeyError: the model's parameter names differ from the checkpoint map's (named in the message).
-        ValueError: ``bucket_bytes`` is not positive.
+        ValueError: ``bucket_bytes`` is not positive, or the pipeline stages use different layer names.
     """
 
     def __init__(self, model: torch.nn.Module, hf_config: Any, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -82,11 +85,12 @@ class WeightSync:
 
     def _shard_shapes(self, shape: GPTShape) -> list[dict[str, tuple[int, ...]]]:
         """Every stage's parameter shapes on one TP rank: each stage broadcasts its own over PP."""
-        _check_same(set(self.params), set(_stage_names(shape, self.pp_rank, self.pp_size)),
-                    f"Megatron stage {self.pp_rank}", "qwen2 map")
+        naming = self._layer_naming()
+        _check_same(set(self.params), set(_stage_names(shape, self.pp_rank, self.pp_size, naming)),
+                    f"Megatron stage {self.pp_rank}", f"qwen2 map ({naming} layer names)")
         stages = []
         for stage in range(self.pp_size):
-            names = sorted(_stage_names(shape, stage, self.pp_size))
+            names = sorted(_stage_names(shape, stage, self.pp_size, naming))
             table = torch.zeros((len(names), 3), dtype=torch.int64, device=self.device)  # ndim, d0, d1
             if stage == self.pp_rank:
                 for row, name in enumerate(names):
@@ -98,6 +102,19 @@ class WeightSync:
                 dist.broadcast(table, group=self.pp_group, group_src=stage)
             stages.append({n: tuple(r[1 : 1 + r[0]]) for n, r in zip(names, table.tolist(), strict=True)})
         return stages
+
+    def _layer_naming(self) -> str:
+        """This stage's layer naming ("local" or "te"), checked to be every stage's (the shape tables
+        that the stages broadcast are laid out by name)."""
+        naming = layer_spec_of(self.params)
+        if self.pp_size > 1:
+            code = float(LAYER_NAMINGS.index(naming))
+            extremes = torch.tensor([code, -code], device=self.device)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.pp_group)
+            if extremes[0].item() != -extremes[1].item():
+                raise ValueError(f"pipeline stages use different layer names (stage {self.pp_rank}: {naming!r}); "
+                                 "build every stage with the same layer_spec")
+        return naming
 
     @property
     def shared_memory(self) -> bool:

@@ -286,7 +286,7 @@ def test_rng_state_round_trip_with_model_only_checkpoint(hf_models, tmp_path) ->
     from megatron_rl.megatron.model import build_gpt_model
 
     config = AutoConfig.from_pretrained(hf_models["qwen2_tied"])
-    with convert._one_process_world():
+    with convert.one_process_world():
         model = build_gpt_model(config)
         hf_to_megatron(hf_models["qwen2_tied"], tmp_path / "mcore", tp=2, pp=2)
         assert load_checkpoint(tmp_path / "mcore", model) == 0  # model-only, no RNG state: nothing restored

@@ -85,35 +85,44 @@ def test_te_layer_spec_without_cuda_is_a_clear_error(qwen2_dirs, monkeypatch) ->
         build_gpt_model(AutoConfig.from_pretrained(qwen2_dirs[True]), layer_spec="te")
 
 
-# Local-spec name -> Transformer Engine name of the two RMSNorm weights that TE fuses into the next linear.
-TE_NORM_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-
-
-def _te_name(local_name: str) -> str:
-    for local, te in TE_NORM_NAMES.items():
-        if local_name.endswith(local):
-            return local_name[: -len(local)] + te
-    return local_name
-
-
 @pytest.mark.gpu
 def test_te_model_matches_the_local_model(qwen2_dirs, world1) -> None:
+    """A real Transformer Engine model has exactly the map's TE names, loads the HF weights through them
+    (load_hf_into_model, the trainer's path) and gives the local model's logprobs."""
     from megatron_rl.megatron.forward import forward_logprobs
 
     hf = AutoConfig.from_pretrained(qwen2_dirs[False])
+    state = _hf_state(qwen2_dirs[False])
     local = build_gpt_model(hf, layer_spec="local")
-    qwen2.load_hf_into_model(local, _hf_state(qwen2_dirs[False]), hf, tp_rank=0, tp_size=1)
+    qwen2.load_hf_into_model(local, state, hf, tp_rank=0, tp_size=1)
     te = build_gpt_model(hf, layer_spec="te")
     assert te.layer_spec == "te" and resolve_layer_spec("auto") == "te"
-    te_names = {name for name, _ in te.named_parameters()}
-    assert te_names == {_te_name(name) for name, _ in local.named_parameters()}
-    result = te.load_state_dict({_te_name(name): value for name, value in local.state_dict().items()}, strict=False)
-    assert not result.unexpected_keys and all(key.endswith("_extra_state") for key in result.missing_keys)
+    te_names = [name for name, _ in te.named_parameters()]
+    assert sorted(te_names) == sorted(qwen2.megatron_param_names(hf, layer_spec="te"))
+    assert qwen2.layer_spec_of(te_names) == "te"
+    qwen2.load_hf_into_model(te, state, hf, tp_rank=0, tp_size=1)
+    te_params = dict(te.named_parameters())
+    for name, param in local.named_parameters():
+        assert torch.equal(te_params[qwen2.te_param_name(name)], param), name
     ids = torch.randint(0, hf.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     local_logprobs = forward_logprobs(local.eval(), ids, vocab_size=hf.vocab_size).logprobs
     te_logprobs = forward_logprobs(te.eval(), ids, vocab_size=hf.vocab_size).logprobs
     torch.testing.assert_close(te_logprobs, local_logprobs, atol=1e-3, rtol=0)  # TE's fp32 GEMMs may use TF32
+    # The state dict a TE model saves converts back to the HF weights (its _extra_state entries skipped).
+    back = qwen2.megatron_shards_to_hf([[te.state_dict()]], hf)
+    assert sorted(back) == sorted(state) and all(torch.equal(back[n].cpu(), state[n]) for n in state)
+
+
+@pytest.mark.gpu
+def test_compare_layer_specs(qwen2_dirs, world1) -> None:
+    diff = model_module.compare_layer_specs(qwen2_dirs[True])
+    assert 0 <= diff < 1e-2, diff
+
+
+def test_compare_layer_specs_without_transformer_engine_says_why(qwen2_dirs, monkeypatch) -> None:
+    monkeypatch.setattr(model_module, "transformer_engine_usable", lambda: (False, "CUDA is not available"))
+    with pytest.raises(ValueError, match=r"layer_spec='te' needs Transformer Engine on a CUDA device: CUDA is not"):
+        model_module.compare_layer_specs(qwen2_dirs[True])
 
 
 def _hf_state(path):
