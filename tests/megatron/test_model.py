@@ -15,6 +15,7 @@ from megatron_rl.megatron.model import (
     GPTShape,
     build_gpt_model,
     padded_vocab_size,
+    place_model,
     resolve_layer_spec,
     transformer_config_from_hf,
 )
@@ -63,6 +64,23 @@ def test_built_model_has_the_converter_names_and_padded_vocab(variant, qwen2_dir
     assert model.hf_vocab_size == 1030
     assert model.share_embeddings_and_output_weights == (variant == "qwen2-tied")
     assert model.layer_spec == "local"
+
+
+def test_place_model_casts_the_local_norms_megatron_builds_in_fp32(qwen2_dirs, world1) -> None:
+    """What build_gpt_model does on CUDA, checked on the CPU device: with bf16 parameters Megatron builds
+    the linear layers in bf16 but the local spec's torch RMSNorm in fp32; place_model leaves no fp32
+    floating-point tensor behind (the bf16 optimizer refuses one) and keeps the weights' values."""
+    hf = AutoConfig.from_pretrained(qwen2_dirs[True])
+    model = build_gpt_model(hf, layer_spec="local", params_dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["decoder.layers.0.input_layernorm.weight"] == torch.float32  # what Megatron builds
+    assert dtypes["decoder.layers.0.self_attention.linear_qkv.weight"] == torch.bfloat16
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert place_model(model, torch.bfloat16, torch.device("cpu")) is model
+    after = dict(model.named_parameters())
+    assert {p.dtype for p in after.values()} == {torch.bfloat16}
+    for name, value in before.items():
+        assert torch.equal(after[name].float(), value.to(torch.bfloat16).float()), name
 
 
 def test_auto_layer_spec_follows_transformer_engine_availability(monkeypatch) -> None:
