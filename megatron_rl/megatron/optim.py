@@ -37,9 +37,11 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     """Clip the global gradient norm (over all TP/PP/DP shards) to this; 0 turns clipping off."""
     use_distributed_optimizer: bool = False
-    """Shard fp32 master weights and Adam state over the data-parallel group (ZeRO-1)."""
+    """Shard the fp32 master weights and Adam state over the data-parallel group (ZeRO-1): each
+    data-parallel rank keeps 1/DP of them (the one switch for it; the model is wrapped to match)."""
     bf16: bool = False
-    """bf16 parameters with fp32 master weights (GPU only; ignored without CUDA, where all is fp32)."""
+    """bf16 parameters with fp32 master weights (GPU only). A training run on the CPU with bf16=true is
+    refused at start (trainer.device); the CPU path is fp32 throughout."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -63,7 +65,7 @@ class OptimizerSettings:
 
     @property
     def uses_bf16(self) -> bool:
-        """Whether this run trains in bf16 (only with CUDA)."""
+        """Whether the model is built in bf16: ``bf16`` with CUDA (the trainer refuses bf16 without it)."""
         return self.bf16 and torch.cuda.is_available()
 
 

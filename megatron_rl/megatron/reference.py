@@ -63,17 +63,27 @@ def _compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+_HOST_COPIES = "_megatron_rl_host_copies"
+"""Attribute of an offloaded reference: its pinned host copies, kept while it is on the device."""
+
+
 def _move(model: torch.nn.Module, device: torch.device) -> int:
     """Move every parameter and buffer of ``model`` to ``device`` in place (``tensor.data`` is replaced,
     so the Parameter objects and any references to them stay valid). Host copies are pinned, so the
-    transfer back to the GPU can overlap. Returns the number of tensors that changed device."""
+    transfer back to the GPU can overlap, and kept while the model is on the device: the reference never
+    changes, so every offload after the first frees the device copy without copying anything back.
+    Returns the number of tensors that changed device."""
     moved = 0
+    host_copies: dict[int, torch.Tensor] = model.__dict__.setdefault(_HOST_COPIES, {})
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device == device:
             continue
         if device.type == "cpu":
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-            host.copy_(tensor.data)
+            host = host_copies.get(id(tensor))
+            if host is None:
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+                host.copy_(tensor.data)
+                host_copies[id(tensor)] = host
             tensor.data = host
         else:
             tensor.data = tensor.data.to(device, non_blocking=True)
@@ -102,7 +112,7 @@ def reference_on_device(model: torch.nn.Module, *, offload: bool = True) -> Iter
     """Run the reference's forward on the compute device and, with ``offload``, keep it in CPU memory
     otherwise::
 
-        with reference_on_device(reference, offload=cfg.offload_reference) as ref:
+        with reference_on_device(reference, offload=offload) as ref:  # offload: memory.offload_reference
             ref_logprobs = forward_logprobs(ref, input_ids, vocab_size=vocab)
 
     With ``offload=False`` the model is only checked to be on the compute device (onloaded if not).

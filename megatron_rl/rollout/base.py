@@ -128,8 +128,10 @@ class RolloutEngine(Protocol):
         """Free accelerator memory while the trainer runs (a no-op where unsupported)."""
         ...
 
-    def wake_up(self) -> None:
-        """Undo ``sleep`` before the next ``generate`` (a no-op where unsupported)."""
+    def wake_up(self, tags: Iterable[str] | None = None) -> None:
+        """Undo ``sleep`` before the next ``generate`` (a no-op where unsupported). ``tags`` names the
+        parts to wake (``"weights"``, ``"kv_cache"``; None: all): the trainer wakes the weights, pushes
+        new ones into them, then wakes the KV cache."""
         ...
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ the processed scores (after temperature, top-k and top-p), like vLLM's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -56,8 +56,10 @@ class TransformersEngine:
         self._closed = False
 
     @torch.no_grad()
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
-        """Sample ``sampling.n`` responses per prompt, ordered by prompt then sample."""
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                 on_prompt_done: Callable[[], None] | None = None) -> list[Rollout]:
+        """Sample ``sampling.n`` responses per prompt, ordered by prompt then sample; ``on_prompt_done()``
+        is called after each prompt's samples (e.g. to advance a progress bar)."""
         self._check_open()
         check_prompts(prompt_token_ids, self.vocab_size)
         rollouts = []
@@ -68,6 +70,8 @@ class TransformersEngine:
                 if seed is not None:
                     torch.manual_seed(seed)
                 rollouts.extend(self._generate_one(prompt_index, ids, sampling))
+            if on_prompt_done is not None:
+                on_prompt_done()
         return rollouts
 
     def _generate_one(self, prompt_index: int, ids: list[int], sampling: SamplingConfig) -> list[Rollout]:
@@ -138,7 +142,7 @@ class TransformersEngine:
         """No-op: this engine keeps its weights where they are."""
         self._check_open()
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Iterable[str] | None = None) -> None:
         """No-op (see :meth:`sleep`)."""
         self._check_open()
 

@@ -19,7 +19,17 @@ What this module adds to plain ``vllm.LLM``, each covered by a test in tests/rol
 * with ``cpu_gemm="packed"`` a tied LM head is re-packed after each push (vLLM keeps multiplying
   by a packed copy of the old embedding otherwise: logprobs off by ~0.9 nats on the tiny model);
 * a push holding only part of a fused layer (q without k/v, gate without up) is refused
-  instead of silently corrupting it (NaN logprobs).
+  instead of silently corrupting it (NaN logprobs);
+* colocated sleep: :meth:`VLLMEngine.sleep` drops the KV cache and offloads the weights (vLLM's
+  ``sleep(level=1)``), :meth:`VLLMEngine.wake_up` brings back the parts named by ``tags``
+  (``["weights"]`` before a push, ``["kv_cache"]`` after it). vLLM has no sleep mode on CPU: there
+  the calls change no memory, but the engine still keeps track of what is asleep and refuses to
+  generate (or take a push) in the wrong state, so CPU tests check the same order as a GPU run;
+* on GPU each engine runs on its process's own device (``LOCAL_RANK``): vLLM's in-process executor
+  would take device 0 in every process of a ``torchrun --nproc-per-node N`` launch
+  (:func:`rank_local_executor`);
+* :func:`init_process_groups` creates vLLM's process groups over the trainer's torch.distributed
+  world on every rank at once, so that only the ranks that generate need to build an engine.
 
 Scripts that create an engine need an ``if __name__ == "__main__":`` guard: vLLM may spawn
 processes. Example::
@@ -35,7 +45,8 @@ import functools
 import os
 import random
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +73,10 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 CPU_GEMMS = ("plain", "packed")
 """How the engine's linear layers multiply on CPU; see :class:`VLLMEngine` (``cpu_gemm``)."""
 
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What :meth:`VLLMEngine.sleep` puts to sleep and :meth:`VLLMEngine.wake_up` can wake separately
+(vLLM's own tags): the model weights (offloaded to host memory) and the KV cache (dropped)."""
+
 
 def _import_vllm() -> Any:
     """Import vllm with the in-process engine selected; raise ImportError naming the install command."""
@@ -81,6 +96,79 @@ def _import_vllm() -> Any:
             "before VLLMEngine set it to 0); set VLLM_ENABLE_V1_MULTIPROCESSING=0 before importing vllm"
         )
     return vllm
+
+
+def init_process_groups() -> None:
+    """Create vLLM's process groups over this process's torch.distributed world (collective: every
+    rank of the world calls it, in the same order relative to other group creations).
+
+    An in-process vLLM engine started in a process whose default group exists reuses that group: its
+    start-up builds vLLM's world group over all the trainer's ranks and its (size-one) tensor, pipeline,
+    data and expert parallel groups, and ``torch.distributed.new_group`` is collective over the whole
+    world. Started on some ranks only, the others never join and the start-up hangs. Called on every
+    rank first, the groups exist before any engine starts; an engine's start-up then finds them
+    (``ensure_model_parallel_initialized`` only checks their sizes) and creates none, so the ranks that
+    never generate need no engine at all. Engines must use tensor and pipeline parallel size 1.
+    Idempotent; needs an initialised default process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("init_process_groups needs torch.distributed's default group (init it first)")
+    _import_vllm()
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+    from vllm.platforms import current_platform
+
+    if parallel_state.model_parallel_is_initialized():
+        return
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.init_distributed_environment(world_size=dist.get_world_size(), rank=dist.get_rank(),
+                                                    local_rank=_local_rank(), backend=current_platform.dist_backend)
+        parallel_state.ensure_model_parallel_initialized(1, 1)
+
+
+def close_process_groups() -> None:
+    """Destroy what :func:`init_process_groups` created, on a rank whose engine never started (an
+    engine's own shutdown does it where there is one): vLLM's groups and torch.distributed's default
+    group, which vLLM's world group shares. A no-op where vLLM was never imported or has no groups."""
+    import sys
+
+    if "vllm.distributed.parallel_state" not in sys.modules:
+        return
+    from vllm.distributed import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+
+
+def _local_rank() -> int:
+    """This process's device index on its host (``LOCAL_RANK``, set by torchrun; 0 without it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@functools.cache
+def rank_local_executor() -> type:
+    """vLLM's in-process executor, on this process's own GPU (``cuda:LOCAL_RANK``).
+
+    vLLM's ``UniProcExecutor`` takes the device index from ``DeviceConfig.device``, which vLLM sets to
+    ``cuda`` without an index, so in every process of a ``torchrun --nproc-per-node N`` launch it picks
+    device 0 (and makes it the process's current device). Its ``external_launcher`` executor takes
+    ``LOCAL_RANK`` instead, but also takes the minimum KV cache size over the whole world at start-up, a
+    collective that ranks without an engine never join. This subclass is the in-process executor with
+    ``external_launcher``'s device choice; vLLM accepts an ``Executor`` subclass as
+    ``distributed_executor_backend``."""
+    _import_vllm()
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    class RankLocalExecutor(UniProcExecutor):
+        """``UniProcExecutor`` on ``cuda:LOCAL_RANK`` (see :func:`rank_local_executor`)."""
+
+        def _distributed_args(self) -> tuple[str, int, int]:
+            init_method, rank, _ = super()._distributed_args()
+            return init_method, rank, _local_rank()
+
+    return RankLocalExecutor
 
 
 class VLLMEngine:
@@ -103,14 +191,17 @@ class VLLMEngine:
         enable_prefix_caching: Reuse KV of shared prompt prefixes (the n samples of a prompt
             share it). Reset after every weight push.
         enable_sleep_mode: Let :meth:`sleep` free GPU memory while the trainer runs (colocated
-            mode; GPU only, vLLM has no sleep mode on CPU). When False, sleep/wake_up are no-ops.
+            mode; GPU only, vLLM has no sleep mode on CPU). When False (and on CPU) sleep/wake_up
+            free nothing but still track the state (:meth:`generate` refuses to run asleep).
         cpu_gemm: How linear layers and the LM head multiply on CPU (ignored on GPU). 'packed'
             (vLLM's default): by oneDNN-packed copies of the weights; every push re-allocates and
             re-packs each layer (vLLM's ``reload_weights``: 4-7 s for a 0.5B model here). 'plain': by
             their weight tensor with ``torch.nn.functional.linear``; :meth:`load_weights` copies new
             weights into those tensors in place (a copy of every byte, nothing allocated), but a GEMM
             at decode batch sizes took 2-3x as long as the packed one (0.5B shapes, fp32, 16 rows).
-        **llm_kwargs: Passed to ``vllm.LLM`` unchanged (e.g. tensor_parallel_size).
+        **llm_kwargs: Passed to ``vllm.LLM`` unchanged (e.g. tensor_parallel_size). On GPU,
+            ``distributed_executor_backend`` defaults to :func:`rank_local_executor` (the engine on
+            ``cuda:LOCAL_RANK``).
 
     Raises:
         ImportError: vLLM is not installed (the message names the install command).
@@ -148,6 +239,8 @@ class VLLMEngine:
             # prefill whole prompts instead.
             llm_kwargs.setdefault("enable_chunked_prefill", False)
             llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, CPU_MAX_BATCHED_TOKENS))
+        else:
+            llm_kwargs.setdefault("distributed_executor_backend", rank_local_executor())
 
         self.sleep_enabled = enable_sleep_mode and on_gpu
         vllm = _import_vllm()
@@ -186,16 +279,20 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self._checkpoint_names = _checkpoint_names(self.model_dir)
         self._closed = False
+        self._asleep: set[str] = set()  # the SLEEP_TAGS now asleep (tracked on CPU too)
         if self.plain_cpu_gemms:
             self.llm.apply_model(_use_plain_cpu_gemms)
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
-        """Sample ``sampling.n`` responses per prompt, ordered by prompt then sample."""
-        self._check_open()
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                 on_prompt_done: Callable[[], None] | None = None) -> list[Rollout]:
+        """Sample ``sampling.n`` responses per prompt, ordered by prompt then sample; ``on_prompt_done()``
+        is called each time a prompt's samples are all finished (e.g. to advance a progress bar)."""
+        self._check_awake("generate", SLEEP_TAGS)
         check_prompts(prompt_token_ids, self.vocab_size)
         prompts = [self._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        progress = _FinishedPrompts.factory(on_prompt_done) if on_prompt_done is not None else False
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
         rollouts = []
         for prompt_index, output in enumerate(outputs):
             samples = sorted(output.outputs, key=lambda o: o.index)
@@ -234,7 +331,7 @@ class VLLMEngine:
         weight loaders) copies each tensor into the engine's weights; otherwise vLLM's
         ``reload_weights`` rebuilds (and on CPU re-packs) every layer it receives.
         """
-        self._check_open()
+        self._check_awake("load_weights", ("weights",))
         weights = list(weights)
         if not weights:
             raise ValueError("load_weights got no tensors")
@@ -249,17 +346,40 @@ class VLLMEngine:
                 self.llm.apply_model(_repack_cpu_gemms_that_keep_weights)  # only they keep (and tie) weights
         self.llm.reset_prefix_cache()
 
+    @property
+    def asleep(self) -> frozenset[str]:
+        """The parts (of :data:`SLEEP_TAGS`) now asleep; empty when the engine can generate."""
+        return frozenset(self._asleep)
+
     def sleep(self) -> None:
-        """Offload weights and drop the KV cache (GPU, with enable_sleep_mode); otherwise a no-op."""
+        """Drop the KV cache and offload the weights to host memory (vLLM's ``sleep(level=1)``), after
+        generation, so the trainer has the device memory for its logprobs and update. Frees memory on
+        GPU with ``enable_sleep_mode``; otherwise only the state changes. Asleep already: nothing."""
         self._check_open()
+        if self._asleep:
+            return
         if self.sleep_enabled:
             self.llm.sleep(level=1)
+        self._asleep = set(SLEEP_TAGS)
 
-    def wake_up(self) -> None:
-        """Undo :meth:`sleep` (a no-op where sleep is)."""
+    def wake_up(self, tags: Iterable[str] | None = None) -> None:
+        """Bring back the parts ``tags`` names (of :data:`SLEEP_TAGS`; None: all). The trainer wakes
+        ``["weights"]``, pushes new weights into them, then wakes ``["kv_cache"]``, so the weights and
+        the KV cache are never on the device during the push and the update together. Parts already
+        awake are skipped.
+
+        Raises:
+            ValueError: a tag that is not in :data:`SLEEP_TAGS`.
+        """
         self._check_open()
-        if self.sleep_enabled:
-            self.llm.wake_up()
+        wanted = set(SLEEP_TAGS if tags is None else tags)
+        unknown = sorted(wanted - set(SLEEP_TAGS))
+        if unknown:
+            raise ValueError(f"wake_up tags={sorted(wanted)!r}: {unknown} unknown; allowed: {list(SLEEP_TAGS)}")
+        waking = [tag for tag in SLEEP_TAGS if tag in wanted & self._asleep]  # weights before the KV cache
+        if waking and self.sleep_enabled:
+            self.llm.wake_up(tags=waking)
+        self._asleep -= set(waking)
 
     def close(self) -> None:
         """Shut the engine down and free its memory (idempotent).
@@ -280,6 +400,12 @@ class VLLMEngine:
         if self._closed:
             raise RuntimeError("VLLMEngine is closed")
 
+    def _check_awake(self, what: str, needs: tuple[str, ...]) -> None:
+        self._check_open()
+        asleep = sorted(self._asleep & set(needs))
+        if asleep:
+            raise RuntimeError(f"VLLMEngine.{what} while {asleep} asleep; call wake_up({asleep!r}) first")
+
     def engine_weights(self) -> dict[str, torch.Tensor]:
         """HF-named copies of the weights the engine computes with (for the weight sync's exact check).
 
@@ -291,7 +417,7 @@ class VLLMEngine:
         and biases are read as stored. A tied model also returns ``lm_head.weight`` (its packed head).
         Engine tensor parallelism must be 1.
         """
-        self._check_open()
+        self._check_awake("engine_weights", ("weights",))
         return self.llm.apply_model(_weights_as_computed)[0]
 
 
@@ -397,6 +523,39 @@ def _repack_cpu_gemms_that_keep_weights(model: torch.nn.Module) -> None:
         method = getattr(module, "quant_method", None)
         if hasattr(module, "cpu_linear") and method is not None and isinstance(weight, torch.Tensor) and weight.numel():
             method.process_weights_after_loading(module)
+
+
+class _FinishedPrompts:
+    """What vLLM's ``LLM.generate(use_tqdm=...)`` takes as a progress bar, calling ``on_prompt_done()``
+    per finished request (one prompt: vLLM updates the bar by its ``n`` samples at once) and drawing
+    nothing. vLLM also wraps the prompts it renders in the bar's class: those are passed through."""
+
+    def __init__(self, on_prompt_done: Callable[[], None]) -> None:
+        self.on_prompt_done = on_prompt_done
+        self.n = 0
+        self.postfix = ""
+        self._start = time.perf_counter()
+
+    @classmethod
+    def factory(cls, on_prompt_done: Callable[[], None]) -> Callable[..., Any]:
+        def make(iterable: Any = None, **_: Any) -> Any:
+            return iterable if iterable is not None else cls(on_prompt_done)
+
+        return make
+
+    @property
+    def format_dict(self) -> dict[str, float]:
+        return {"elapsed": max(time.perf_counter() - self._start, 1e-9)}  # vLLM's tokens/s estimate
+
+    def update(self, samples: int = 1) -> None:
+        self.n += samples
+        self.on_prompt_done()
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _to_rollout(prompt_index: int, sample_index: int, sample: Any, tokenizer: Any) -> Rollout:

@@ -61,8 +61,10 @@ def test_offload_frees_gpu_memory_and_round_trips(qwen2_dirs, world1) -> None:
     assert {p.device.type for p in reference.parameters()} == {"cpu"}
     assert all(p.is_pinned() for p in reference.parameters())
     assert allocated - torch.cuda.memory_allocated() >= param_bytes
+    host = [p.data_ptr() for p in reference.parameters()]
     with reference_on_device(reference) as ref:
         assert {p.device.type for p in ref.parameters()} == {"cuda"}
         during = forward_logprobs(ref, ids, vocab_size=vocab).logprobs
     assert {p.device.type for p in reference.parameters()} == {"cpu"}
+    assert [p.data_ptr() for p in reference.parameters()] == host  # the kept host copies: nothing copied back
     assert torch.equal(during, before)

@@ -172,6 +172,27 @@ def test_partial_fused_layer_push_is_refused(engine: VLLMEngine, other_dir) -> N
         engine.load_weights([(name, new[name])])
 
 
+def test_sleep_wake_cycle_then_push_keeps_weights_and_samples(engine: VLLMEngine, tiny_dir) -> None:
+    """The trainer's cycle on the real CPU engine (vLLM has no sleep mode here: no memory moves, but the
+    order is enforced): asleep it refuses to generate or take a push; after wake_up(weights), a push and
+    wake_up(kv_cache) it samples exactly as before and its weights are the checkpoint's."""
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=3)
+    before = engine.generate(PROMPTS, sampling)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(PROMPTS, sampling)
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.engine_weights()
+    engine.wake_up(tags=["weights"])
+    weights = dict(checkpoint_weights(tiny_dir))
+    engine.load_weights(weights.items())
+    read = engine.engine_weights()
+    assert all(torch.equal(read[name], tensor) for name, tensor in weights.items())
+    engine.wake_up(tags=["kv_cache"])
+    assert engine.asleep == frozenset()
+    assert engine.generate(PROMPTS, sampling) == before
+
+
 def test_close_releases_the_process_group(engine: VLLMEngine) -> None:
     """Last in the module (it closes the shared engine). vLLM's in-process start-up creates
     torch.distributed's default group; close must leave none behind for what follows."""
