@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from megatron_rl.validation import check_choice, check_range
 
 DEVICES = ("auto", "gpu", "cpu")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+WEIGHT_TRANSPORTS = ("broadcast", "object_store")
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,16 @@ class ClusterConfig:
     engine_cpus: float = 1.0
     """Ray CPUs each separate rollout engine reserves (it also gets one GPU on GPU clusters)."""
 
-    placement_strategy: str = "PACK"
-    """Ray placement-group strategy for the bundles (trainer ranks first, then engines): 'PACK' fills
-    nodes in order, so engines land on the last node(s); 'SPREAD' / 'STRICT_*' as in Ray."""
+    ranks_per_node: int = 0
+    """Bundles (trainer ranks, then separate engines; one GPU each on GPU clusters) per node: the launch
+    makes one STRICT_PACK placement group of this many bundles per node, so ranks are numbered node by
+    node and every tensor-parallel group lies inside one node (the launch refuses a layout where one
+    would not). 0: the GPUs of the smallest GPU node (GPU clusters); all bundles on one node (CPU)."""
+
+    weight_transport: str = "broadcast"
+    """How weights reach separate rollout engines (rollout.mode=separate): 'broadcast' over a
+    torch.distributed group of the feeding rank and its engine actor (NCCL on GPU, gloo on CPU; only
+    names, shapes and dtypes go through Ray); 'object_store': NumPy copies through Ray's object store."""
 
     setup_timeout_s: float = 600.0
     """Most seconds to get the placement group's resources and start the trainer actors."""
@@ -65,6 +72,7 @@ class ClusterConfig:
         check_choice("cluster.device", self.device, DEVICES)
         check_range("cluster.cpus_per_trainer", self.cpus_per_trainer, low=0.0, low_inclusive=False)
         check_range("cluster.engine_cpus", self.engine_cpus, low=0.0, low_inclusive=False)
-        check_choice("cluster.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        check_range("cluster.ranks_per_node", self.ranks_per_node, low=0, integer=True)
+        check_choice("cluster.weight_transport", self.weight_transport, WEIGHT_TRANSPORTS)
         for name in ("setup_timeout_s", "step_timeout_s", "engine_start_timeout_s", "engine_call_timeout_s"):
             check_range(f"cluster.{name}", getattr(self, name), low=0.0, low_inclusive=False)

@@ -3,7 +3,9 @@
 What happens (the driver is this process; slurm/train.sbatch runs it on the Ray head node)::
 
     join or start Ray (cluster.address)
-    placement group: one bundle per trainer rank (1 GPU each, or CPUs), then one per separate engine
+    placement: one STRICT_PACK placement group per node (cluster.ranks_per_node bundles, default the
+      node's GPUs), bundles numbered node by node: trainer ranks first, then one per separate engine;
+      a tensor-parallel group never spans two nodes
     start cluster.num_trainers TrainerRank actors, one per bundle, in rank order
     rank 0 reports its node IP and a free port: MASTER_ADDR / MASTER_PORT of torch.distributed
     every actor calls megatron_rl.trainer.loop.train(cfg) with RANK / WORLD_SIZE set (NCCL or gloo)
@@ -35,7 +37,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from megatron_rl.cluster.config import ClusterConfig
 from megatron_rl.cluster.nodes import init_ray, use_gpus
 
-__all__ = ["DistEnv", "Heartbeat", "LaunchResult", "TrainerFailed", "TrainerGroup", "TrainerRank", "launch"]
+__all__ = ["DistEnv", "Heartbeat", "LaunchResult", "Placement", "TrainerFailed", "TrainerGroup", "TrainerRank",
+           "launch", "node_layout"]
 
 POLL_S = 1.0
 """How often the driver checks the actors and the heartbeat."""
@@ -84,6 +87,46 @@ class Heartbeat:
         return self.step
 
 
+Slot = tuple[PlacementGroup, int]
+"""A placement-group bundle: (group, bundle index)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where each trainer rank and each separate engine runs: bundles of per-node placement groups."""
+
+    groups: list[PlacementGroup]
+    trainers: list[Slot]
+    """Rank r's bundle."""
+    engines: list[Slot]
+    """Replica k's engine bundle."""
+
+    def remove(self) -> None:
+        for group in self.groups:
+            remove_placement_group(group)
+
+
+def node_layout(num_trainers: int, num_engines: int, per_node: int, *, tp: int) -> list[list[str]]:
+    """The bundles of each node-local placement group, in order: 'trainer' (rank = position overall) or
+    'engine'. Node i takes bundles ``i * per_node ... (i + 1) * per_node - 1``.
+
+    Raises:
+        ValueError: a tensor-parallel group (``tp`` consecutive ranks, Megatron's innermost dimension) would
+            span two nodes.
+    """
+    if per_node < 1:
+        raise ValueError(f"cluster.ranks_per_node={per_node} must be >= 1 here")
+    kinds = ["trainer"] * num_trainers + ["engine"] * num_engines
+    for first in range(0, num_trainers, tp):
+        last = min(first + tp, num_trainers) - 1
+        if first // per_node != last // per_node:
+            raise ValueError(
+                f"parallel.tp={tp} with {per_node} ranks per node (cluster.ranks_per_node, default the GPUs per node) "
+                f"puts trainer ranks {first}..{last} of one tensor-parallel group on two nodes; choose a "
+                f"tensor-parallel size that divides the ranks per node")
+    return [kinds[start : start + per_node] for start in range(0, len(kinds), per_node)]
+
+
 class TrainerRank:
     """One torch.distributed rank of the run, alone in its Ray actor (and on its GPU)."""
 
@@ -95,9 +138,13 @@ class TrainerRank:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def train(self, cfg: Any, env: DistEnv, heartbeat: Any | None) -> str:
-        """Set the rendezvous variables, then run this rank of ``cfg``; return the run directory."""
+    def train(self, cfg: Any, env: DistEnv, heartbeat: Any | None, engine_bundles: list[Slot] | None = None) -> str:
+        """Set the rendezvous variables (and the bundles reserved for separate engines), then run this rank
+        of ``cfg``; return the run directory."""
+        from megatron_rl.cluster.engine import set_engine_bundles
+
         os.environ.update(env.variables())
+        set_engine_bundles(engine_bundles or [])
         if heartbeat is not None:
             metrics_file = Path(cfg.trainer.output_dir) / "metrics.jsonl"
             threading.Thread(target=_report_steps, args=(metrics_file, heartbeat), daemon=True).start()
@@ -131,22 +178,22 @@ def _last_logged_step(metrics_file: Path) -> int:
 
 
 class TrainerGroup:
-    """The trainer-rank actors of one run, placed one per bundle of ``group``.
+    """The trainer-rank actors of one run, one per trainer bundle of ``placement``.
 
     Args:
-        group: a ready placement group whose first ``world_size`` bundles are for the trainer ranks.
-        world_size: number of ranks.
+        placement: the ready bundles (rank r on ``placement.trainers[r]``).
         cluster: resources and timeouts.
         gpus: whether each rank reserves a GPU.
     """
 
-    def __init__(self, group: PlacementGroup, world_size: int, cluster: ClusterConfig, *, gpus: bool) -> None:
+    def __init__(self, placement: Placement, cluster: ClusterConfig, *, gpus: bool) -> None:
         self.cluster = cluster
+        self.engine_bundles = placement.engines
         actor_cls = ray.remote(TrainerRank)
         self.actors = [actor_cls.options(
             num_cpus=cluster.cpus_per_trainer, num_gpus=1 if gpus else 0, max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-        ).remote() for rank in range(world_size)]
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+        ).remote() for group, index in placement.trainers]
         self.heartbeat = ray.remote(Heartbeat).options(num_cpus=0).remote()
         self.node_ips: list[str] = []
 
@@ -161,7 +208,7 @@ class TrainerGroup:
         world_size = len(self.actors)
         (port,) = self._gather([self.actors[0].free_port.remote()], "choosing a port", self.cluster.setup_timeout_s)
         refs = [actor.train.remote(cfg, DistEnv(self.node_ips[0], port, rank, world_size),
-                                   self.heartbeat if rank == 0 else None)
+                                   self.heartbeat if rank == 0 else None, self.engine_bundles)
                 for rank, actor in enumerate(self.actors)]
         return Path(self._supervise(refs))
 
@@ -211,7 +258,8 @@ def launch(cfg: Any) -> LaunchResult:
     """Run ``cfg`` with ``cfg.cluster.num_trainers`` trainer-rank actors on the Ray cluster.
 
     Raises:
-        ValueError: ``num_trainers`` is not a multiple of ``parallel.tp * parallel.pp``.
+        ValueError: ``num_trainers`` is not a multiple of ``parallel.tp * parallel.pp``, or a tensor-parallel
+            group would span two nodes (:func:`node_layout`).
         TrainerFailed: the cluster lacks the resources within ``cluster.setup_timeout_s``, a rank failed
             (message: rank, node, its error; the error is chained) or no step was logged for
             ``cluster.step_timeout_s``. Every actor of the run is killed first.
@@ -229,9 +277,11 @@ def launch(cfg: Any) -> LaunchResult:
     timings["ray_init"] = time.perf_counter() - start
     gpus = use_gpus(cluster)
     num_engines = cluster.num_trainers // model_parallel if cfg.rollout.mode == "separate" else 0
-    group = _placement_group(cluster, num_engines, gpus=gpus)
+    per_node = cluster.ranks_per_node or (_gpus_per_node() if gpus else cluster.num_trainers + num_engines)
+    layout = node_layout(cluster.num_trainers, num_engines, per_node, tp=cfg.parallel.tp)
+    placement = _place(cluster, layout, gpus=gpus)
     timings["placement"] = time.perf_counter() - start - timings["ray_init"]
-    trainers = TrainerGroup(group, cluster.num_trainers, cluster, gpus=gpus)
+    trainers = TrainerGroup(placement, cluster, gpus=gpus)
     try:
         trainers.wait_started()
         timings["actors"] = time.perf_counter() - start - timings["ray_init"] - timings["placement"]
@@ -239,25 +289,42 @@ def launch(cfg: Any) -> LaunchResult:
         timings["train"] = time.perf_counter() - start - sum(timings.values())
     finally:
         trainers.kill()
-        remove_placement_group(group)
+        placement.remove()
     return LaunchResult(run_dir, timings)
 
 
-def _placement_group(cluster: ClusterConfig, num_engines: int, *, gpus: bool) -> PlacementGroup:
-    """Trainer bundles then engine bundles, ready (or :class:`TrainerFailed` naming what is missing)."""
-    trainer = {"CPU": cluster.cpus_per_trainer} | ({"GPU": 1} if gpus else {})
-    engine = {"CPU": cluster.engine_cpus} | ({"GPU": 1} if gpus else {})
-    bundles = [trainer] * cluster.num_trainers + [engine] * num_engines
-    group = placement_group(bundles, strategy=cluster.placement_strategy)
+def _gpus_per_node() -> int:
+    """GPUs of the smallest alive node that has any (the cluster's per-node group size)."""
+    counts = [int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    counts = [count for count in counts if count > 0]
+    if not counts:
+        raise TrainerFailed("cluster.device asks for GPUs but no alive Ray node has any")
+    return min(counts)
+
+
+def _place(cluster: ClusterConfig, layout: list[list[str]], *, gpus: bool) -> Placement:
+    """One STRICT_PACK placement group per entry of ``layout`` (one node each), ready; or
+    :class:`TrainerFailed` naming what is missing."""
+    resources = {"trainer": {"CPU": cluster.cpus_per_trainer}, "engine": {"CPU": cluster.engine_cpus}}
+    if gpus:
+        resources = {kind: bundle | {"GPU": 1} for kind, bundle in resources.items()}
+    groups = [placement_group([resources[kind] for kind in kinds], strategy="STRICT_PACK") for kinds in layout]
     try:
-        ray.get(group.ready(), timeout=cluster.setup_timeout_s)
+        ray.get([group.ready() for group in groups], timeout=cluster.setup_timeout_s)
     except GetTimeoutError:
-        remove_placement_group(group)
+        for group in groups:
+            remove_placement_group(group)
+        shape = " + ".join(f"[{len(kinds)} bundles]" for kinds in layout)
         raise TrainerFailed(
-            f"the Ray cluster could not place {cluster.num_trainers} trainer bundles {trainer} and {num_engines} "
-            f"engine bundles {engine} ({cluster.placement_strategy}) within cluster.setup_timeout_s="
-            f"{cluster.setup_timeout_s:g}s; available: {ray.available_resources()}") from None
-    return group
+            f"the Ray cluster could not place {len(layout)} node-local placement groups {shape} (trainer bundle "
+            f"{resources['trainer']}, engine bundle {resources['engine']}; each group on one node, STRICT_PACK) "
+            f"within cluster.setup_timeout_s={cluster.setup_timeout_s:g}s; available: {ray.available_resources()}"
+        ) from None
+    slots = {"trainer": [], "engine": []}
+    for group, kinds in zip(groups, layout, strict=True):
+        for index, kind in enumerate(kinds):
+            slots[kind].append((group, index))
+    return Placement(groups, slots["trainer"], slots["engine"])
 
 
 def _first_line(err: BaseException) -> str:

@@ -14,7 +14,8 @@ from megatron_rl.config import load_config
     ("cluster.num_trainers=0", "cluster.num_trainers=0 must be >= 1"),
     ("cluster.device=tpu", "cluster.device='tpu' is not allowed; choose one of 'auto', 'gpu', 'cpu'"),
     ("cluster.step_timeout_s=0", "cluster.step_timeout_s=0.0 must be > 0"),
-    ("cluster.placement_strategy=RANDOM", "cluster.placement_strategy='RANDOM' is not allowed"),
+    ("cluster.weight_transport=nfs", "cluster.weight_transport='nfs' is not allowed"),
+    ("cluster.ranks_per_node=-1", "cluster.ranks_per_node=-1 must be >= 0"),
 ])
 def test_bad_cluster_values_name_the_field(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

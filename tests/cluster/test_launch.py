@@ -50,9 +50,11 @@ def _wait_for_all_cpus(ray, expected: float, timeout_s: float = 60.0) -> float:
 def test_two_trainer_ranks_and_a_separate_vllm_engine_run_two_grpo_steps(local_ray, tmp_path: Path) -> None:
     """rollout.check_weights makes every sync read the engine's weights back and compare them with the
     trainer's shards exactly (the run fails otherwise). The entropy bonus gives every step a non-zero
-    gradient (the tiny model's rewards are all equal, so its advantages are 0): each sync pushes new weights."""
+    gradient (the tiny model's rewards are all equal, so its advantages are 0): each sync pushes new weights.
+    The weights travel over the feeding rank's gloo group with the engine actor (the default transport; what
+    crosses Ray then is metadata only: tests/cluster/test_transfer.py)."""
     cfg = _config(tmp_path / "run", "rollout.mode=separate", "rollout.check_weights=true", "trainer.total_steps=2",
-                  "algorithm.entropy_coef=0.01")
+                  "algorithm.entropy_coef=0.01", "cluster.weight_transport=broadcast")
     result = launch(cfg)
     assert result.run_dir == (tmp_path / "run").resolve()
     steps = _metrics(result.run_dir)
