@@ -87,6 +87,9 @@ SYNC_TARGET_S = 1.0
 """Colocated push of a 7B-shaped model (bf16, 15 GB) into its engine."""
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 """Dense bf16 peak per device name fragment, for MFU."""
+TRAINER_ONLY_PACKAGES = ("pyarrow", "matplotlib", "ray", "sacrebleu", "nltk")
+"""What the trainer imports beyond the check's own needs (too large for tools/gpu_bundle.sh's 64 MiB: pyarrow's
+wheel alone is 55 MB); where one is absent, trainer_two_steps is skipped with its name."""
 CHECK_NAMES = ("environment", "trainer_two_steps", "sync_7b", "nccl", "bf16_step", "memory_vs_plan", "mfu",
                "te_vs_local", "vllm_generate", "vllm_push", "vllm_sleep_wake")
 
@@ -161,6 +164,9 @@ def check_environment(ctx: Context) -> Row:
 
 
 def check_trainer_two_steps(ctx: Context) -> Row:
+    missing = [name for name in TRAINER_ONLY_PACKAGES if _version(name) is None]
+    if missing:
+        raise Skip(f"the trainer needs {', '.join(missing)}, absent here (a bare image with the bundle only)")
     run_dir = ctx.out / "trainer_run"
     backend = "vllm" if ctx.vllm_error is None else "hf"
     overrides = [f"trainer.output_dir={run_dir}", "trainer.total_steps=2", "trainer.sft_warmup_steps=2",
@@ -229,10 +235,8 @@ def check_nccl(ctx: Context) -> Row:
 def check_bf16_step(ctx: Context) -> Row:
     from megatron_rl.megatron.optim import OptimizerSettings, build_optimizer, wrap_ddp
     from megatron_rl.megatron.train_step import LossSettings, count_valid_tokens, train_step
-    from megatron_rl.trainer.setup import load_tokenizer_and_config
 
     ctx.model()
-    _, ctx.hf_config = load_tokenizer_and_config(ctx.model_dir)
     settings = OptimizerSettings(lr=1e-5, bf16=ctx.cuda)
     policy = wrap_ddp(_load_stage(ctx, ctx.dtype), settings)
     optimizer = build_optimizer(policy, settings)
