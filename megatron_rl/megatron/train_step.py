@@ -9,6 +9,11 @@ so ``sum_{i, r} loss_i`` is the token mean over the whole batch. Megatron divide
 function returns by the number of micro-batches, and its DDP averages gradients over the DP group;
 the loss function therefore returns ``loss_i * num_microbatches * dp_size`` so that the gradient is
 exactly that of the global token mean. ``N`` comes from the caller (:func:`count_valid_tokens`).
+That holds for any number of micro-batches per DP rank and any shape per micro-batch (token-budget
+micro-batches): the factor is undone per rank, and ``N`` is global.
+
+The last stage applies the output layer at the loss mask's positions only, ``logprob_chunk_size``
+tokens at a time (:func:`megatron_rl.megatron.logprobs.output_layer_logprobs`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl import algorithms
-from megatron_rl.megatron.logprobs import vocab_parallel_logprobs
+from megatron_rl.megatron.forward import output_weight, schedule_shapes, stage_forward
+from megatron_rl.megatron.logprobs import DEFAULT_LOGPROB_CHUNK_SIZE, output_layer_logprobs
 from megatron_rl.megatron.parallel import data_parallel_group, pipeline_parallel_group, tensor_parallel_group
 
 __all__ = ["LossSettings", "MicroBatch", "count_valid_sequences", "count_valid_tokens", "train_step"]
 
 LOSS_KINDS = ("ppo", "nll")
-_CLIP_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ppo_kl", "approx_kl")
+_CLIP_METRICS = algorithms.POLICY_LOSS_METRICS  # clip fractions, cov_frac, ppo_kl, approx_kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,30 @@ class LossSettings:
     kind: str = "ppo"
     """'ppo': the clipped policy-gradient loss; 'nll': supervised negative log-likelihood of the
     response tokens (an SFT step; old_logprobs and advantages are ignored)."""
+    loss_agg_constant: float | None = None
+    """The fixed length of the 'seq-mean-token-sum-norm' aggregation (Dr.GRPO); None: the widest
+    micro-batch's T-1 (with fixed micro-batches, the batch's padded length). Pass it when micro-batches are
+    cut to their own lengths, so that the loss does not depend on how the rows were grouped."""
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK_SIZE
+    """Tokens per chunk of the output layer + logprobs/entropy (0: all of a micro-batch at once); a memory
+    knob that does not change the maths."""
+    policy_loss: str = "ppo_clip"
+    """The policy loss of ``kind='ppo'`` (:data:`megatron_rl.algorithms.POLICY_LOSSES`)."""
+    policy_loss_params: object | None = None
+    """Its parameters (an instance of ``algorithms.POLICY_LOSS_PARAMS[policy_loss]``); None: for 'ppo_clip'
+    ``PPOClipParams(clip_low, clip_high, clip_c)`` from the fields above, for the others their defaults."""
+    loss_seed: int = 0
+    """Seed of the generator of the losses that draw random numbers (clip_cov), made afresh by each
+    train_step call: the caller passes one per update (e.g. from the run's seed and step), so a resumed
+    run draws what the uninterrupted one drew."""
+
+    def loss_params(self) -> object:
+        """The policy loss's parameters (see ``policy_loss_params``)."""
+        if self.policy_loss_params is not None:
+            return self.policy_loss_params
+        if self.policy_loss == "ppo_clip":
+            return algorithms.PPOClipParams(clip_low=self.clip_low, clip_high=self.clip_high, clip_c=self.clip_c)
+        return algorithms.POLICY_LOSS_PARAMS[self.policy_loss]()
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -88,6 +118,16 @@ class LossSettings:
             raise ValueError(f"kl_kind={self.kl_kind!r}; allowed: {', '.join(algorithms.KL_KINDS)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0")
+        if self.loss_agg_constant is not None and not self.loss_agg_constant > 0:
+            raise ValueError(f"loss_agg_constant={self.loss_agg_constant!r} must be > 0 (or None)")
+        if not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 0:
+            raise ValueError(f"logprob_chunk_size={self.logprob_chunk_size!r} must be an integer >= 0")
+        if self.policy_loss not in algorithms.POLICY_LOSSES:
+            raise ValueError(f"policy_loss={self.policy_loss!r}; allowed: {', '.join(algorithms.POLICY_LOSSES)}")
+        params_class = algorithms.POLICY_LOSS_PARAMS[self.policy_loss]
+        if self.policy_loss_params is not None and not isinstance(self.policy_loss_params, params_class):
+            raise ValueError(f"policy_loss_params={self.policy_loss_params!r} must be a {params_class.__name__} "
+                             f"for policy_loss={self.policy_loss!r}")
 
 
 def count_valid_tokens(micro_batches: Sequence[MicroBatch]) -> int:
@@ -126,8 +166,9 @@ def train_step(
     Args:
         model: this rank's stage wrapped by :func:`megatron_rl.megatron.optim.wrap_ddp`.
         optimizer: from :func:`megatron_rl.megatron.optim.build_optimizer`.
-        micro_batches: this DP rank's micro-batches, all of the same shape (b, T); every TP/PP rank of a
-            model replica passes the same ones.
+        micro_batches: this DP rank's micro-batches (their shapes (b, T) may differ, e.g. token-budget
+            micro-batches; at PP > 1 the schedule then sends each activation's shape first); every TP/PP
+            rank of a model replica passes the same ones. DP ranks may hold different numbers of them.
         global_num_tokens: valid tokens over all micro-batches and DP ranks (:func:`count_valid_tokens`);
             the token-mean denominator.
         global_num_seqs: valid sequences over all micro-batches and DP ranks
@@ -139,37 +180,41 @@ def train_step(
         entropy, aggregated by ``loss_agg``), ``pg_loss`` (the NLL for ``kind='nll'``), ``kl`` (token mean
         of the ``kl_kind`` estimate; 0 without a reference), ``entropy`` (token mean),
         ``rollout_logprob_gap`` (token mean of |trainer - engine logprob|; 0 without ``rollout_logprobs``),
-        ``clip_frac_low``/``clip_frac_high``/``clip_frac_dual``, ``ppo_kl``, ``approx_kl`` (global token
-        means), ``grad_norm`` (before clipping) and ``update_successful`` (1.0 or 0.0).
+        ``clip_frac_low``/``clip_frac_high``/``clip_frac_dual``, ``cov_frac``, ``ppo_kl``, ``approx_kl`` (the
+        policy loss's metrics, global token means), ``grad_norm`` (before clipping) and ``update_successful``
+        (1.0 or 0.0).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
         raise ValueError("micro_batches is empty")
     shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batches must share one shape (b, T); got {sorted(shapes)}")
-    micro_batch_size, seq = shapes.pop()
     num_microbatches = len(micro_batches)
+    agg_constant = settings.loss_agg_constant or max(seq for _, seq in shapes) - 1
     dp_group, tp_group, pp_group = data_parallel_group(), tensor_parallel_group(), pipeline_parallel_group()
     loss_multiplier = num_microbatches * dp_group.size()  # undone by the schedule and the DDP average
     device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+    loss_params = settings.loss_params()
+    # the same draws on every TP rank of a replica (their losses must agree); consumed micro-batch by micro-batch
+    generator = torch.Generator(device=device).manual_seed(settings.loss_seed)
 
     def forward_step(data_iterator, stage):
         mb: MicroBatch = next(data_iterator)
         ids = mb.input_ids.to(device)
-        positions = torch.arange(seq, device=device).expand_as(ids)
-        output = stage(ids, positions, None)  # last stage: (b, T, V_padded / tp); others: hidden states
+        mask = mb.response_mask.to(device)
+        output = stage_forward(stage, ids)  # (T, b, h); the last stage's are the final hidden states
 
-        def loss_func(logits: torch.Tensor):
-            logprobs, entropy = vocab_parallel_logprobs(logits[:, :-1], ids[:, 1:], vocab_size=vocab_size,
-                                                        temperature=settings.temperature, tp_group=tp_group,
-                                                        with_entropy=True)
-            mask = mb.response_mask.to(device)
+        def loss_func(hidden: torch.Tensor):
+            # (b, T-1) each, computed at the loss mask's positions only (0 elsewhere: masked out below)
+            logprobs, entropy = output_layer_logprobs(hidden, output_weight(stage), ids, vocab_size=vocab_size,
+                                                      temperature=settings.temperature, tp_group=tp_group,
+                                                      with_entropy=True, mask=mask,
+                                                      chunk_size=settings.logprob_chunk_size)
             token_mean = functools.partial(algorithms.aggregate, mask=mask, mode="token-mean",
                                            global_num_tokens=global_num_tokens)
             aggregate = functools.partial(algorithms.aggregate, mask=mask, mode=settings.loss_agg,
-                                          global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+                                          global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                                          constant=agg_constant)
             if settings.kind == "nll":
                 pg = aggregate(-logprobs)
                 metrics = {name: torch.zeros((), device=device) for name in _CLIP_METRICS}
@@ -177,10 +222,9 @@ def train_step(
                 # On-policy (the first update after sampling): the old policy IS the current one, so its
                 # logprobs are these, detached; no separate forward is needed.
                 old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs.to(device)
-                pg_loss, metrics = algorithms.ppo_clip_loss(
-                    logprobs, old, mb.advantages.to(device), mask,
-                    clip_low=settings.clip_low, clip_high=settings.clip_high, clip_c=settings.clip_c,
-                    global_num_tokens=global_num_tokens)
+                pg_loss, metrics = algorithms.policy_loss(
+                    settings.policy_loss, logprobs, old, mb.advantages.to(device), mask, params=loss_params,
+                    global_num_tokens=global_num_tokens, generator=generator)
                 pg = aggregate(pg_loss)
             loss = pg
             if mb.ref_logprobs is not None:
@@ -201,15 +245,16 @@ def train_step(
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=[model],
-        num_microbatches=num_microbatches,
-        seq_length=seq,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    with schedule_shapes(model, shapes):
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=max(seq for _, seq in shapes),
+            micro_batch_size=max(rows for rows, _ in shapes),
+            forward_only=False,
+        )
     names = ("loss", "pg_loss", "kl", "entropy", "rollout_logprob_gap", *_CLIP_METRICS)
     totals = torch.zeros(len(names), dtype=torch.float64)
     pp_size = pp_group.size()

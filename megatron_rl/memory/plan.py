@@ -7,9 +7,10 @@ config.json alone (no weights are read, nothing is allocated).
     check_run_fits(cfg, hf_config, world_size=8, local_world_size=8)   # at train start: the real device
 
 Phases of one step, in the trainer's order (``megatron_rl/trainer/colocation.py``): ``generate`` (the
-engine awake), ``logprob`` (old and reference logprobs, no gradients; the engine asleep), ``update``
-(forward and backward of the policy, one micro-batch at a time), ``step`` (the optimizer step) and
-``sync`` (the engine's weights awake, the trainer's weights pushed in buckets).
+engine awake), ``logprob`` (old and reference logprobs, no gradients; the engine asleep), ``critic``
+(PPO with a critic only, ``algorithm.advantage=gae``: the critic's forward, backward and optimizer
+step), ``update`` (forward and backward of the policy, one micro-batch at a time), ``step`` (the
+optimizer step) and ``sync`` (the engine's weights awake, the trainer's weights pushed in buckets).
 
 Items (bytes on one rank's device; on CPU the host's RAM, shared by its ranks):
 
@@ -22,7 +23,7 @@ Items (bytes on one rank's device; on CPU the host's RAM, shared by its ranks):
 ``optimizer``    Adam's two fp32 moments, plus fp32 master weights with bf16 parameters; divided over
                  the data-parallel ranks with ``optim.use_distributed_optimizer``; on the host outside
                  the update when offloaded (GPU).
-``reference``    the frozen reference (kl_coef > 0), like the policy's parameters; on the device only
+``reference``    the frozen reference (kl_coef > 0 or kl_in_reward), like the policy's parameters; on the device only
                  in the logprob phase when offloaded.
 ``engine``       the colocated vLLM engine, on the ranks that generate (tp_rank 0 and pp_rank 0 of each
                  replica) only. GPU: ``rollout.gpu_memory_utilization`` x the device (weights, KV cache,
@@ -43,9 +44,18 @@ Items (bytes on one rank's device; on CPU the host's RAM, shared by its ranks):
 ``sync_buffers`` the weight sync's reused buffers (one bucket of HF tensors, and the gathered TP shards)
                  on the rank that feeds the engine; plus, in the sync phase, one fused group re-made by
                  the engine's reload.
+``critic``       PPO with a critic: the value model's parameters (the policy's trunk with an untied
+                 embedding and a ``hidden + 1`` value head instead of the output layer), its fp32
+                 gradient buffer and Adam state by ``critic.optim`` (bf16, distributed optimizer), on the
+                 device in every phase, but for its gradients and Adam state outside the ``critic``
+                 phase when the optimizer is offloaded (GPU). In the ``critic`` phase its update's
+                 activations (its micro-batch: ``critic.micro_batch_size`` or its token budget; no
+                 vocabulary-wide output layer) and its optimizer step's temporaries are the
+                 ``activations``, ``logits`` (the backward's transient) and ``optimizer_step`` items,
+                 counted together (an over-estimate by the smaller of the two moments).
 ``runtime``      GPU: CUDA context, cuBLAS/NCCL workspaces (:data:`CUDA_RUNTIME_BYTES`) and the caching
                  allocator's slack (:data:`ALLOCATOR_SLACK`); CPU: the process itself
-                 (:data:`CPU_PROCESS_BASELINE_BYTES`).
+                 (:data:`CPU_PROCESS_BASELINE_BYTES`) and the allocator's slack (:data:`CPU_ALLOCATOR_SLACK`).
 
 docs/memory.md derives the formulas and says how they were checked.
 """
@@ -68,6 +78,7 @@ if TYPE_CHECKING:  # megatron_rl.config imports this package's config module
 __all__ = [
     "ALLOCATOR_SLACK",
     "ALLOCATOR_SLACK_MIN_BYTES",
+    "CPU_ALLOCATOR_SLACK",
     "CPU_ENGINE_OVERHEAD_BYTES",
     "CPU_PROCESS_BASELINE_BYTES",
     "CUDA_RUNTIME_BYTES",
@@ -90,8 +101,11 @@ PHASES = ("generate", "logprob", "update", "step", "sync")
 """The phases of one step, in the trainer's order ("update": forward and backward of the micro-batches;
 "step": the optimizer step after them)."""
 
-ITEMS = ("params", "grads", "optimizer", "reference", "engine", "activations", "logits", "optimizer_step",
-         "sync_buffers", "runtime")
+CRITIC_PHASES = ("generate", "logprob", "critic", "update", "step", "sync")
+"""The phases of a step of PPO with a critic ("critic": the critic's update, before the policy's)."""
+
+ITEMS = ("params", "grads", "optimizer", "reference", "critic", "engine", "activations", "logits",
+         "optimizer_step", "sync_buffers", "runtime")
 """The items of a plan; they do not overlap, so a phase's total is their sum."""
 
 DEVICES = ("gpu", "cpu")
@@ -120,6 +134,13 @@ sleep-mode pool. An allowance (vLLM on CUDA could not be run here), not a measur
 CPU_PROCESS_BASELINE_BYTES = 520 * MIB
 """RSS of one trainer process on CPU before any model: Python, torch, megatron-core, megatron_rl and
 vllm imported (measured here: 516 MiB; ``python bench/memory.py --baseline``)."""
+
+CPU_ALLOCATOR_SLACK = 0.10
+"""Fraction of a CPU process's planned bytes (beyond :data:`CPU_PROCESS_BASELINE_BYTES`) that its peak RSS
+may exceed them by: glibc's allocator keeps freed pages mapped and transients such as the weights read
+while a model loads overlap. Measured above the plan here: up to 4% for one training step of the 0.5B
+shape (``python bench/memory.py``) and 3% for two GRPO steps of SmolLM2-135M on MedIQ rows
+(tests/realmodel); rounded up."""
 
 CPU_ENGINE_OVERHEAD_BYTES = 320 * MIB
 """RSS a vLLM CPU engine adds beyond its weights and KV cache: its runtime, tokenizer, scheduler and the
@@ -385,14 +406,15 @@ class MemoryPlan:
             f" logprob chunk {s['logprob_chunk_size'] or 'all'}; dtype {s['dtype']}",
             f"optimizer: {'distributed' if s['distributed_optimizer'] else 'replicated'},"
             f" offload {'on' if self.offload_optimizer else 'off'}; reference:"
-            f" {s['reference']}; engine: {s['engine']}",
+            f" {s['reference']}; engine: {s['engine']}"
+            + (f"; critic: {s['critic']}" if "critic" in self.phases else ""),
             f"{'per rank' if self.device == 'gpu' else 'host'}: {self.peak_rank}",
-            f"{'item':<15}" + "".join(f"{p:>11}" for p in PHASES),
+            f"{'item':<15}" + "".join(f"{p:>11}" for p in self.phases),
         ]
         for item in ITEMS:
-            if any(self.phases[p].get(item, 0) for p in PHASES):
-                lines.append(f"{item:<15}" + "".join(f"{_gib(self.phases[p].get(item, 0)):>11}" for p in PHASES))
-        lines.append(f"{'total':<15}" + "".join(f"{_gib(self.total(p)):>11}" for p in PHASES))
+            if any(self.phases[p].get(item, 0) for p in self.phases):
+                lines.append(f"{item:<15}" + "".join(f"{_gib(self.phases[p].get(item, 0)):>11}" for p in self.phases))
+        lines.append(f"{'total':<15}" + "".join(f"{_gib(self.total(p)):>11}" for p in self.phases))
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"peak: {self.peak_phase} {_gib(self.peak_bytes)} of {_gib(self.device_bytes)}"
                      f" ({100 * self.peak_bytes / self.device_bytes:.0f}%, headroom {100 * self.headroom:.0f}%):"
@@ -434,11 +456,18 @@ class MemoryPlan:
             "grads": [],
             "params": [],
             "reference": [] if s["reference"].startswith("offloaded") else ["memory.offload_reference=on"],
+            "critic": ([] if s["critic"].endswith("distributed optimizer") else
+                       ["critic.optim.use_distributed_optimizer=true"]) +
+                      ([] if self.offload_optimizer else ["memory.offload_optimizer=on (the critic's gradients and "
+                                                          "Adam state leave the device outside its update)"]),
             "engine": [],
             "sync_buffers": [],
             "optimizer_step": ["optim.use_distributed_optimizer=true"] if not s["distributed_optimizer"] else [],
         }.get(item, [])
-        if item in ("activations", "logits"):
+        if item in ("activations", "logits") and self.peak_phase == "critic":
+            hints = ["model.recompute=full"] if not s["recompute"].startswith("full") else []
+            hints.append("a smaller critic.micro_batch_size or critic.max_tokens_per_micro_batch")
+        elif item in ("activations", "logits"):
             hints += ["a smaller algorithm.max_tokens_per_micro_batch" if s["token_budget"]
                       else "a smaller algorithm.micro_batch_size or algorithm.max_tokens_per_micro_batch"]
             if s["layer_spec"] == "local" and self.device == "gpu":
@@ -562,7 +591,10 @@ class _Builder:
         self.distributed = cfg.optim.use_distributed_optimizer
         mode = cfg.memory.offload_reference
         self.offload_reference = self.gpu if mode == "auto" else mode == "on"
-        self.reference = cfg.algorithm.kl_coef > 0
+        self.reference = cfg.algorithm.kl_coef > 0 or cfg.algorithm.kl_in_reward
+        self.critic = cfg.algorithm.advantage == "gae"  # PPO with a critic: a second model (see ``critic``)
+        self.critic_bf16 = self.gpu and cfg.critic.optim.bf16
+        self.phase_names = CRITIC_PHASES if self.critic else PHASES
         self.layer_spec = self._layer_spec()
         self.sleep = self.gpu and cfg.rollout.enable_sleep_mode and cfg.rollout.mode == "colocated"
 
@@ -576,10 +608,12 @@ class _Builder:
 
     # -- micro-batches -------------------------------------------------------------------------------
 
-    def _micro_batch(self) -> tuple[int, int, int, int, str]:
+    def _micro_batch(self, critic: bool = False) -> tuple[int, int, int, int, str]:
         """``(tokens, seq, scored tokens, micro-batches in a mini-batch, description)`` of the largest
-        micro-batch. Fixed micro-batches: micro_batch_size rows of the longest prompt and response
-        (right padding makes every row that long). A token budget B: at most max(B, seq) tokens (a longer
+        micro-batch (the policy's; with ``critic`` the critic's, of ``critic.micro_batch_size`` or its
+        ``critic.max_tokens_per_micro_batch``). Fixed micro-batches: micro_batch_size rows of the longest
+        prompt and response (right padding makes every row that long). A token budget B: at most max(B, seq)
+        tokens (a longer
         row runs alone), each row at most seq long, so the [seq, seq] terms are bounded by tokens x seq;
         every token is counted as scored (an upper bound: packed short rows may be mostly response)."""
         cfg = self.cfg
@@ -587,46 +621,69 @@ class _Builder:
         seq = prompt + response
         local_prompts = max(1, cfg.data.batch_size // self.dp)
         sequences = (cfg.algorithm.mini_batch_size or local_prompts) * cfg.rollout.n
-        budget = cfg.algorithm.max_tokens_per_micro_batch
+        owner = cfg.critic if critic else cfg.algorithm
+        budget = owner.max_tokens_per_micro_batch
         if budget > 0:
             tokens = min(max(budget, seq), sequences * seq)
             return tokens, seq, tokens, -(-sequences * seq // tokens), f"token budget {budget} (rows up to {seq})"
-        rows = min(sequences, cfg.algorithm.micro_batch_size)
+        rows = min(sequences, owner.micro_batch_size)
         return rows * seq, seq, rows * response, -(-sequences // rows), f"{rows} x {seq} tokens (fixed)"
 
     # -- items ---------------------------------------------------------------------------------------
 
-    def _optimizer_step_bytes(self, stage: int) -> int:
-        """Temporaries of the optimizer step (see the module): Transformer Engine's fused Adam (used by
-        Megatron when TE is installed; assumed with model.layer_spec=te) needs none."""
+    def _optimizer_step_bytes(self, stage: int, critic: bool = False) -> int:
+        """Temporaries of the optimizer step (see the module) of the policy or, with ``critic``, the
+        critic: Transformer Engine's fused Adam (used by Megatron when TE is installed; assumed with
+        model.layer_spec=te) needs none."""
         if self.layer_spec == "te":
             return 0
-        params = self.dims.stage_param_numels(stage)
+        params = self._critic_param_numels(stage) if critic else self.dims.stage_param_numels(stage)
+        distributed = self.cfg.critic.optim.use_distributed_optimizer if critic else self.distributed
         if not self.gpu:
             return max(n for n, _ in params) * _FP32
-        total, ranges = _buffer_layout(params, distributed=self.distributed, dp=self.dp)
-        shard = _shard_numel(ranges, total, self.dp) if self.distributed else sum(n for n, _ in params)
+        total, ranges = _buffer_layout(params, distributed=distributed, dp=self.dp)
+        shard = _shard_numel(ranges, total, self.dp) if distributed else sum(n for n, _ in params)
         return shard * _FP32
+
+    def _critic_param_numels(self, stage: int) -> list[tuple[int, bool]]:
+        """The critic's parameters on ``stage`` (megatron/critic.py): the embedding (never shared), the
+        layers, the final norm and the value head's weight and bias."""
+        dims = self.dims
+        params = [(dims.vocab * dims.h, False)] if stage == 0 else []
+        params += [(n, False) for _ in range(dims.layers) for n in dims.layer_param_numels()]
+        if stage == self.pp - 1:
+            params += [(dims.h, False), (dims.h, False), (1, False)]
+        return params
+
+    def _state(self, params: list[tuple[int, bool]], *, distributed: bool, bf16: bool) -> dict[str, int]:
+        """Parameters, fp32 gradient buffer and Adam state of one model stage's ``params``."""
+        numel = sum(n for n, _ in params)
+        total, ranges = _buffer_layout(params, distributed=distributed, dp=self.dp)
+        shard = _shard_numel(ranges, total, self.dp) if distributed else numel
+        # Adam's exp_avg and exp_avg_sq (fp32); bf16 training adds fp32 master weights
+        return {
+            "params": (total if distributed else numel) * (2 if bf16 else 4),
+            "grads": total * _FP32,  # grad_reduce_in_fp32: one fp32 buffer, padded like the params
+            "optimizer": shard * (2 * _FP32 + (_FP32 if bf16 else 0)),
+        }
 
     def _params_and_state(self, stage: int) -> dict[str, int]:
         params = self.dims.stage_param_numels(stage)
-        numel = sum(n for n, _ in params)
-        total, ranges = _buffer_layout(params, distributed=self.distributed, dp=self.dp)
-        shard = _shard_numel(ranges, total, self.dp) if self.distributed else numel
-        # Adam's exp_avg and exp_avg_sq (fp32); bf16 training adds fp32 master weights
-        optimizer = shard * (2 * _FP32 + (_FP32 if self.bf16 else 0))
-        return {
-            "params": (total if self.distributed else numel) * self.param_bytes,
-            "grads": total * _FP32,  # grad_reduce_in_fp32: one fp32 buffer, padded like the params
-            "optimizer": optimizer,
-            "reference": numel * self.param_bytes if self.reference else 0,
-        }
+        state = self._state(params, distributed=self.distributed, bf16=self.bf16)
+        state["reference"] = sum(n for n, _ in params) * self.param_bytes if self.reference else 0
+        if self.critic:
+            critic = self._state(self._critic_param_numels(stage), bf16=self.critic_bf16,
+                                 distributed=self.cfg.critic.optim.use_distributed_optimizer)
+            state.update({f"critic_{key}": value for key, value in critic.items()})
+        return state
 
-    def _update_activations(self, stage: int) -> tuple[int, int, int]:
-        """``(saved, logits transient, backward transient)`` of the update on ``stage``."""
+    def _update_activations(self, stage: int, critic: bool = False) -> tuple[int, int, int]:
+        """``(saved, logits transient, backward transient)`` of the update on ``stage`` (the policy's, or with
+        ``critic`` the critic's: its micro-batch and dtype, and no output layer: its value head keeps the
+        final hidden states of the responses, as the policy's loss does, and needs no logits)."""
         dims, cfg = self.dims, self.cfg
-        tokens, seq, scored, num_micro, _ = self._micro_batch()
-        act = self.param_bytes
+        tokens, seq, scored, num_micro, _ = self._micro_batch(critic)
+        act = (2 if self.critic_bf16 else 4) if critic else self.param_bytes
         recompute, method, unit = cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers
         none = layer_activation_bytes(dims, tokens=tokens, seq=seq, layer_spec=self.layer_spec, recompute="none",
                                       act_bytes=act, gpu=self.gpu)
@@ -650,7 +707,7 @@ class _Builder:
             saved += tokens * norm + scored * (dims.h * act + _LOSS_BYTES_PER_SCORED_TOKEN)
             saved += tokens * _LOSS_BYTES_PER_TOKEN
         in_flight = min(num_micro, self.pp - stage)  # 1F1B keeps pp - stage micro-batches before the first backward
-        logits = self._logits_bytes(scored, backward=True) if last else 0
+        logits = self._logits_bytes(scored, backward=True) if last and not critic else 0
         backward = recompute_unit + _attention_transient_bytes(dims, tokens=tokens, seq=seq, layer_spec=self.layer_spec,
                                                                gpu=self.gpu, backward=True)
         return saved * in_flight, logits, backward
@@ -720,11 +777,15 @@ class _Builder:
         reference_on = state["reference"] if not self.offload_reference else 0
         # gradient buffers are released and (GPU) optimizer state moved to the host outside the update
         offloaded = {"grads": 0, "optimizer": 0 if self.gpu else state["optimizer"]} if offload_optimizer else {}
+        critic_state = sum(state.get(f"critic_{k}", 0) for k in ("params", "grads", "optimizer"))
+        critic_kept = critic_state  # outside its update: offloaded like the policy's (grads released, Adam on the host)
+        if offload_optimizer:
+            critic_kept = state.get("critic_params", 0) + (0 if self.gpu else state.get("critic_optimizer", 0))
         phases: dict[str, dict[str, int]] = {}
-        for phase in PHASES:
+        for phase in self.phase_names:
             items = {"params": state["params"], "grads": state["grads"], "optimizer": state["optimizer"],
-                     "reference": reference_on, "engine": 0, "activations": 0, "logits": 0, "optimizer_step": 0,
-                     "sync_buffers": kept_sync}
+                     "reference": reference_on, "critic": critic_kept, "engine": 0, "activations": 0, "logits": 0,
+                     "optimizer_step": 0, "sync_buffers": kept_sync}
             if phase not in ("update", "step"):
                 items.update(offloaded)
             if engine is not None:
@@ -737,6 +798,10 @@ class _Builder:
                 items["logits"] = max(logits, backward)
             elif phase == "step":
                 items["optimizer_step"] = self._optimizer_step_bytes(rank.stage)
+            elif phase == "critic":  # the critic's forward, backward and optimizer step (see ``critic``)
+                critic_saved, _, critic_backward = self._update_activations(rank.stage, critic=True)
+                items.update({"critic": critic_state, "activations": critic_saved, "logits": critic_backward,
+                              "optimizer_step": self._optimizer_step_bytes(rank.stage, critic=True)})
             elif phase == "sync":
                 items["sync_buffers"] = kept_sync + reload
             phases[phase] = items
@@ -746,7 +811,7 @@ class _Builder:
 
     def _runtime(self, items: Mapping[str, int]) -> int:
         if not self.gpu:
-            return CPU_PROCESS_BASELINE_BYTES
+            return CPU_PROCESS_BASELINE_BYTES + int(CPU_ALLOCATOR_SLACK * sum(items.values()))
         trainer = sum(b for item, b in items.items() if item != "engine")
         return CUDA_RUNTIME_BYTES + max(ALLOCATOR_SLACK_MIN_BYTES, int(ALLOCATOR_SLACK * trainer))
 
@@ -766,19 +831,19 @@ class _Builder:
         per_rank = {rank.name: self._rank_phases(rank, offload_optimizer) for rank in ranks}
         if self.gpu:
             def peak(name: str) -> tuple[int, str]:
-                return max((sum(per_rank[name][p].values()), p) for p in PHASES)
+                return max((sum(per_rank[name][p].values()), p) for p in self.phase_names)
 
             peak_rank = max(per_rank, key=lambda name: peak(name)[0])
             phases = per_rank[peak_rank]
         else:  # the host holds its local ranks: the first local_world_size of the world, in rank order
-            phases = {p: dict.fromkeys(ITEMS, 0) for p in PHASES}
+            phases = {p: dict.fromkeys(ITEMS, 0) for p in self.phase_names}
             host = self._host_ranks(ranks)
             for rank, count in host:
-                for p in PHASES:
+                for p in self.phase_names:
                     for item, value in per_rank[rank.name][p].items():
                         phases[p][item] += count * value
             peak_rank = ", ".join(f"{count} x {rank.name}" for rank, count in host)
-        peak_phase = max(PHASES, key=lambda p: sum(phases[p].values()))
+        peak_phase = max(self.phase_names, key=lambda p: sum(phases[p].values()))
         peak_bytes = sum(phases[peak_phase].values())
         engine = self._engine()
         tokens, seq, scored, num_micro, micro_text = self._micro_batch()
@@ -804,6 +869,9 @@ class _Builder:
             "recompute": recompute, "layer_spec": self.layer_spec,
             "logprob_chunk_size": cfg.algorithm.logprob_chunk_size,
             "dtype": "bf16" if self.bf16 else "fp32", "distributed_optimizer": self.distributed,
+            "critic": (f"a second model, {'bf16' if self.critic_bf16 else 'fp32'}, "
+                       f"{'distributed' if cfg.critic.optim.use_distributed_optimizer else 'replicated'} optimizer"
+                       if self.critic else "none"),
             "reference": ("none (kl_coef 0)" if not self.reference else
                           "offloaded between its forwards" if self.offload_reference else "on the device"),
             "engine": self._engine_text(engine), "sleep": self.sleep,

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_rl.megatron.forward import sequence_lengths, token_budget_micro_batches
 from megatron_rl.megatron.train_step import MicroBatch
 from megatron_rl.rollout.base import Rollout
 
-__all__ = ["RolloutBatch", "broadcast_batch", "make_micro_batches", "pack_rollouts"]
+__all__ = ["RolloutBatch", "broadcast_batch", "make_micro_batches", "pack_rollouts", "padded_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,27 +84,49 @@ def make_micro_batches(
     old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
+    max_tokens_per_micro_batch: int = 0,
 ) -> list[MicroBatch]:
-    """The micro-batches of the rows ``rows`` (a mini-batch), ``micro_batch_size`` rows each.
+    """The micro-batches of the rows ``rows`` (a mini-batch).
+
+    ``max_tokens_per_micro_batch`` 0: ``micro_batch_size`` rows each, in the order of ``rows``, at the
+    batch's full width T. > 0: the rows grouped by length
+    (:func:`~megatron_rl.megatron.forward.token_budget_micro_batches`, lengths from the response mask),
+    each micro-batch cut to its longest row and holding at most that many padded tokens (a row longer
+    than the budget alone); ``micro_batch_size`` is not used. The loss and gradients are the same either
+    way (:func:`~megatron_rl.megatron.train_step.train_step` normalises by global counts).
 
     ``loss_mask`` is the response mask with the rows left out of the loss (overlong filtering)
     cleared; ``advantages`` is per token, (N, T-1); ``old_logprobs`` None means on-policy (see
     :class:`~megatron_rl.megatron.train_step.MicroBatch`). The engine's logprobs ride along so the
     update reports the trainer-vs-engine gap."""
-    if len(rows) % micro_batch_size:
-        raise ValueError(f"algorithm.micro_batch_size={micro_batch_size} does not divide the {len(rows)} "
-                         "sequences of a mini-batch; pick a divisor of (prompts per mini-batch) x rollout.n")
+    if max_tokens_per_micro_batch > 0:
+        lengths = sequence_lengths(batch.response_mask[rows])
+        packed = token_budget_micro_batches(lengths, max_tokens_per_micro_batch)  # positions in ``rows``
+        groups = [rows[group] for group in packed]
+        widths = [max(lengths[i] for i in group) for group in packed]
+    else:
+        if len(rows) % micro_batch_size:
+            raise ValueError(f"algorithm.micro_batch_size={micro_batch_size} does not divide the {len(rows)} "
+                             "sequences of a mini-batch; pick a divisor of (prompts per mini-batch) x rollout.n")
+        groups = list(rows.split(micro_batch_size))
+        widths = [batch.input_ids.shape[1]] * len(groups)
     out = []
-    for chunk in rows.split(micro_batch_size):
+    for chunk, width in zip(groups, widths, strict=True):
+        targets = slice(0, width - 1)
         out.append(MicroBatch(
-            input_ids=batch.input_ids[chunk],
-            response_mask=loss_mask[chunk],
-            old_logprobs=None if old_logprobs is None else old_logprobs[chunk],
-            advantages=advantages[chunk],
-            ref_logprobs=None if ref_logprobs is None else ref_logprobs[chunk],
-            rollout_logprobs=batch.rollout_logprobs[chunk],
+            input_ids=batch.input_ids[chunk, :width],
+            response_mask=loss_mask[chunk, targets],
+            old_logprobs=None if old_logprobs is None else old_logprobs[chunk, targets],
+            advantages=advantages[chunk, targets],
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[chunk, targets],
+            rollout_logprobs=batch.rollout_logprobs[chunk, targets],
         ))  # fmt: skip
     return out
+
+
+def padded_tokens(micro_batches: Sequence[MicroBatch]) -> int:
+    """Tokens the micro-batches run through the model, padding included: sum of b x T."""
+    return sum(mb.input_ids.numel() for mb in micro_batches)
 
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(RolloutBatch))

@@ -121,7 +121,7 @@ def train_batch(vocab_size: int = VOCAB_SIZE) -> tuple[torch.Tensor, torch.Tenso
 
 
 def build_policy_and_reference(model_dir: str | Path, info, *, lr: float = TRAIN_LR,
-                               use_distributed_optimizer: bool = False):
+                               use_distributed_optimizer: bool = False, clip_grad: float = 1.0):
     """This rank's DDP-wrapped policy, its optimizer and the frozen reference, all loaded with the HF
     weights through checkpoint/qwen2.py."""
     from transformers import AutoConfig
@@ -141,9 +141,71 @@ def build_policy_and_reference(model_dir: str | Path, info, *, lr: float = TRAIN
                            pp_size=info.pp_size)
         return model
 
-    settings = OptimizerSettings(lr=lr, use_distributed_optimizer=use_distributed_optimizer)
+    settings = OptimizerSettings(lr=lr, use_distributed_optimizer=use_distributed_optimizer, clip_grad=clip_grad)
     policy = wrap_ddp(build(), settings)
     return policy, build_optimizer(policy, settings), freeze_reference(build()), hf_config
+
+
+MIXED_PROMPTS = (3, 9, 5, 12, 4, 7, 2, 10)  # prompt tokens per row
+MIXED_RESPONSES = (6, 2, 9, 3, 1, 8, 5, 4)  # response tokens per row: rows of 5..15 tokens, T = 15
+
+
+def mixed_length_batch(vocab_size: int = VOCAB_SIZE):
+    """(RolloutBatch, per-token advantages (N, T-1)) of 8 rollouts of mixed lengths (two groups of 4,
+    rewards of both signs), packed as the trainer packs them: the token-budget micro-batch tests' data."""
+    from megatron_rl.algorithms import broadcast_to_tokens, grpo_advantages
+    from megatron_rl.rollout.base import Rollout
+    from megatron_rl.trainer.batch import pack_rollouts
+
+    generator = torch.Generator().manual_seed(99)
+    prompts = [tuple(torch.randint(0, vocab_size, (n,), generator=generator).tolist()) for n in MIXED_PROMPTS]
+    rollouts = []
+    for row, n in enumerate(MIXED_RESPONSES):
+        tokens = tuple(torch.randint(0, vocab_size, (n,), generator=generator).tolist())
+        rollouts.append(Rollout(row, 0, tokens, "", (-1.0,) * n, "stop"))
+    rewards = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25]
+    batch = pack_rollouts(prompts, rollouts, rewards, pad_id=0)
+    advantages = grpo_advantages(batch.rewards, torch.arange(8) // 4)
+    return batch, broadcast_to_tokens(advantages, batch.response_mask)
+
+
+BUDGET_CLIP = 1e9  # gradient clipping that never fires: main_grad keeps the raw gradients, grad_norm is reported
+
+
+def token_budget_step(model_dir: str | Path, info, *, max_tokens_per_micro_batch: int,
+                      loss_agg: str = "token-mean", micro_batch_size: int = 2) -> dict:
+    """One PPO train step on :func:`mixed_length_batch` (fresh models with the HF weights): reference
+    logprobs by forward_logprobs, old logprobs = those + 0.3 N(0, 1) (ratios off 1, some clipped), row 2
+    left out of the loss (as overlong filtering does), KL and entropy terms on, fixed micro-batches
+    (``max_tokens_per_micro_batch`` 0: ``micro_batch_size`` rows each) or token-budget micro-batches,
+    logprob chunks of 4 tokens.
+
+    Returns ``{"metrics", "grads" (this rank's main_grad by Megatron name, before the optimizer step's
+    update; clipping never fires), "ref_logprobs" (B, T-1), "padded_tokens", "shapes" (b, T) per micro-batch}``."""
+    from megatron_rl.megatron.forward import forward_logprobs
+    from megatron_rl.megatron.optim import unwrap_ddp
+    from megatron_rl.megatron.train_step import LossSettings, count_valid_sequences, count_valid_tokens, train_step
+    from megatron_rl.trainer.batch import make_micro_batches, padded_tokens
+
+    policy, optimizer, reference, config = build_policy_and_reference(model_dir, info, clip_grad=BUDGET_CLIP)
+    batch, advantages = mixed_length_batch(config.vocab_size)
+    ref = forward_logprobs(reference, batch.input_ids, vocab_size=config.vocab_size, temperature=TEMPERATURE,
+                           micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+                           mask=batch.response_mask, chunk_size=4).logprobs
+    noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
+    old = ref + 0.3 * noise * batch.response_mask
+    loss_mask = batch.response_mask.clone()
+    loss_mask[2] = False
+    micro = make_micro_batches(batch, torch.arange(len(batch)), micro_batch_size=micro_batch_size, loss_mask=loss_mask,
+                               old_logprobs=old, advantages=advantages, ref_logprobs=ref,
+                               max_tokens_per_micro_batch=max_tokens_per_micro_batch)
+    settings = LossSettings(kl_coef=0.01, entropy_coef=0.01, temperature=TEMPERATURE, loss_agg=loss_agg,
+                            loss_agg_constant=batch.input_ids.shape[1] - 1, logprob_chunk_size=4)
+    metrics = train_step(policy, optimizer, micro, global_num_tokens=count_valid_tokens(micro),
+                         global_num_seqs=count_valid_sequences(micro), vocab_size=config.vocab_size, settings=settings)
+    grads = {name: param.main_grad.detach().clone() for name, param in unwrap_ddp(policy).named_parameters()}
+    return {"metrics": metrics, "grads": grads, "ref_logprobs": ref, "padded_tokens": padded_tokens(micro),
+            "shapes": [tuple(mb.input_ids.shape) for mb in micro]}
 
 
 def run_training(model_dir: str | Path, info, *, num_steps: int, lr: float = TRAIN_LR, kl_coef: float = 1e-3,
@@ -167,13 +229,15 @@ def run_training(model_dir: str | Path, info, *, num_steps: int, lr: float = TRA
     vocab = hf_config.vocab_size
     ids, mask, advantages = train_batch(vocab)
     if load_from is None:
-        ref_logprobs = check_reference_matches_policy(policy, reference, ids, vocab_size=vocab,
-                                                      temperature=TEMPERATURE, micro_batch_size=1)
+        check_reference_matches_policy(policy, reference, ids, vocab_size=vocab, temperature=TEMPERATURE,
+                                       micro_batch_size=1)
         iteration = None
     else:
-        ref_logprobs = forward_logprobs(reference, ids, vocab_size=vocab, temperature=TEMPERATURE,
-                                        micro_batch_size=1).logprobs
         iteration = load_checkpoint(load_from, policy, optimizer)
+    # As the trainer computes them: at the response positions, in the update's micro-batches, so that the
+    # step-0 ratios are exactly 1 (the same output-layer GEMMs; a GEMM's last bits depend on its row count).
+    ref_logprobs = forward_logprobs(reference, ids, vocab_size=vocab, temperature=TEMPERATURE, micro_batch_size=1,
+                                    mask=mask).logprobs
     rows = range(info.dp_rank * TRAIN_BATCH // info.dp_size, (info.dp_rank + 1) * TRAIN_BATCH // info.dp_size)
     micro_batches = [MicroBatch(ids[r:r + 1], mask[r:r + 1], ref_logprobs[r:r + 1], advantages[r:r + 1],
                                 ref_logprobs[r:r + 1]) for r in rows]
