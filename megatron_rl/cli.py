@@ -9,6 +9,11 @@
     megatron-rl convert hf-to-megatron HF_DIR OUT_DIR --tp N --pp M | megatron-to-hf CKPT_DIR OUT_DIR
     megatron-rl eval --model HF_DIR --data FILE [FILE ...] --output-dir OUT
     megatron-rl plot RUN_DIR
+    megatron-rl plan CONFIG.yaml --gpus N [--gpu-memory-gib 80] [--device gpu|cpu] [--json] [section.key=value ...]
+    megatron-rl fetch-model smollm2-135m-instruct [--output-dir DIR] [--dtype float32|bfloat16]
+
+Every command takes ``--verbose`` (anywhere; or MEGATRON_RL_VERBOSE=1): the libraries' known-harmless
+warnings, filtered otherwise (megatron_rl/console.py), are shown too.
 """
 
 from __future__ import annotations
@@ -17,10 +22,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from megatron_rl.config import load_config
+from megatron_rl import console
+
+VERBOSE_FLAG = "--verbose"
+"""Anywhere on the command line: show every library's warnings (megatron_rl/console.py filters the
+known-harmless ones otherwise); MEGATRON_RL_VERBOSE=1 does the same."""
+
+
+def load_config(*args, **kwargs):
+    """``megatron_rl.config.load_config``, imported on first use: the config pulls in torch and
+    Megatron, which must come after :func:`megatron_rl.console.install`."""
+    from megatron_rl.config import load_config as load
+
+    return load(*args, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = VERBOSE_FLAG in argv
+    argv = [item for item in argv if item != VERBOSE_FLAG]
+    console.install(verbose=True if verbose else None)  # before torch, Megatron and vLLM are imported
     parser = _parser()
     # Overrides may follow options (`score F --oracle reward.k=v`): argparse leaves those over.
     args, extra = parser.parse_known_args(argv)
@@ -37,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-rl", description=__doc__.splitlines()[0])
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="show the libraries' known-harmless warnings too (also after COMMAND; "
+                             "or MEGATRON_RL_VERBOSE=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="GRPO training run (examples/quickstart.yaml runs on CPU in minutes)")
@@ -45,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                        help="config overrides, e.g. trainer.output_dir=runs/a trainer.total_steps=20")
     train.set_defaults(run=_train)
+
+    plan = commands.add_parser("plan", help="memory per rank and phase of a run, from config.json alone "
+                                            "(exit 0: it fits, 3: it does not)")
+    plan.add_argument("config", metavar="CONFIG", help="YAML recipe, e.g. examples/medu1_qwen2.5_3b.yaml")
+    plan.add_argument("--gpus", type=int, required=True, metavar="N", help="processes of the run (one per GPU)")
+    plan.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                      help="memory per GPU (--device cpu: the host's RAM); default memory.device_memory_gib, "
+                           "else 80 (GPU) or this host's available RAM (CPU)")
+    plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for GPUs (bf16) or the CPU")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    plan.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                      help="config overrides, e.g. model.path=/models/Qwen2.5-7B-Instruct model.recompute=full")
+    plan.set_defaults(run=_plan)
 
     score = commands.add_parser("score", help="score model responses with the medical reward modules")
     score.add_argument("parquet", nargs="?", help="prompts and ground truths (verl / Med-U1 parquet schema)")
@@ -112,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N rows of each file")
     evaluate.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
     evaluate.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    evaluate.add_argument("--prompt-template", default="row", choices=("row", "model"),
+                          help="row: prompts rendered by a chat template are used as stored; model: every "
+                               "prompt through the model's own chat template (see data.prompt_template)")
     evaluate.set_defaults(run=_eval)
 
     convert = commands.add_parser("convert", help="HF model <-> Megatron checkpoint (any TP/PP), streaming")
@@ -133,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--verify", action="store_true",
                          help="compare Megatron (TP=1, CPU) and transformers logits on a fixed input")
         sub.set_defaults(run=_convert)
+
+    fetch = commands.add_parser("fetch-model", help="download a known real model and write it as an HF directory")
+    fetch.add_argument("name", metavar="NAME", help="smollm2-135m-instruct (see docs/models.md)")
+    fetch.add_argument("--output-dir", metavar="DIR",
+                       help="also copy it here (default: only the cache, $MEGATRON_RL_CACHE or ~/.cache/megatron-rl)")
+    fetch.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
+    fetch.set_defaults(run=_fetch_model)
     return parser
 
 
@@ -143,6 +190,30 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     train(config)
     return 0
+
+
+PLAN_DOES_NOT_FIT = 3
+"""Exit status of ``megatron-rl plan`` when the run does not fit."""
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from megatron_rl.memory.plan import GIB, hf_config_for, plan_json, plan_run
+
+    config = load_config(args.config, args.overrides)
+    if args.gpus < 1:
+        raise ValueError(f"--gpus={args.gpus} must be >= 1")
+    device_bytes = int(args.gpu_memory_gib * GIB) if args.gpu_memory_gib else None
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        raise ValueError(f"--gpu-memory-gib={args.gpu_memory_gib} must be > 0")
+    plan = plan_run(config, hf_config_for(config), num_gpus=args.gpus, device=args.device, device_bytes=device_bytes)
+    if args.json:
+        print(plan_json(plan))
+    else:
+        print(plan.table())
+        if not plan.fits:
+            print()
+            print(plan.refusal())
+    return 0 if plan.fits else PLAN_DOES_NOT_FIT
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -243,7 +314,8 @@ def _eval(args: argparse.Namespace) -> int:
         model=args.model, data=tuple(args.data), output_dir=args.output_dir, n=args.n,
         budgets=_budgets(args.budgets), length_mode=args.length_mode, backend=args.backend,
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, limit=args.limit,
-        batch_size=args.batch_size, max_model_len=args.max_model_len, reward=reward,
+        batch_size=args.batch_size, max_model_len=args.max_model_len, prompt_template=args.prompt_template,
+        reward=reward,
     )  # fmt: skip
     summary = run_eval(config)
     print(format_markdown(summary["benchmarks"], config.n))
@@ -265,6 +337,21 @@ def _budgets(text: str | None) -> tuple[int | None, ...]:
         else:
             raise ValueError(f"--budgets item {item!r} must be a positive integer or 'none'")
     return tuple(budgets)
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from megatron_rl.models import FetchError, copy_model, fetch_model
+
+    if args.overrides:
+        raise ValueError(f"fetch-model takes no config overrides: {' '.join(args.overrides)}")
+    try:
+        result = fetch_model(args.name, dtype=args.dtype)
+        if args.output_dir:
+            result = copy_model(result.path, args.output_dir, args.name, args.dtype)
+    except (FetchError, FileExistsError) as err:  # no network, a checksum, an existing --output-dir: one line
+        raise ValueError(str(err)) from err
+    print(f"{args.name} ({args.dtype}): {result.path}" + (" (already there)" if result.reused else ""))
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:

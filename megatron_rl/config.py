@@ -24,7 +24,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from megatron_rl.cluster.config import ClusterConfig
 from megatron_rl.data.config import DataConfig
+from megatron_rl.megatron.critic import CriticConfig
 from megatron_rl.megatron.optim import OptimizerSettings
+from megatron_rl.memory.config import MemoryConfig
 from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.trainer.config import AlgorithmConfig, ModelConfig, ParallelConfig, RolloutConfig, TrainerConfig
 
@@ -59,11 +61,17 @@ class Config:
     optim: OptimizerSettings = field(default_factory=OptimizerSettings)
     """AdamW (megatron_rl.megatron.optim; Med-U1 defaults)."""
 
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The value model of PPO with a critic, used with algorithm.advantage=gae (megatron_rl.megatron.critic)."""
+
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """The loop: steps, output directory, validation, checkpoints, sinks."""
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray actors for multi-node runs (megatron_rl.cluster; used by its launch and separate engines)."""
+
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The memory plan check at start and the offload switches (megatron_rl.memory; docs/memory.md)."""
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] = Config) -> T:

@@ -30,7 +30,7 @@ def test_yaml_base_then_file_then_overrides(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["reward.treshold=50"], r"unknown config key 'reward.treshold'; reward accepts: .*threshold"),
-        (["rewards.threshold=50"], r"unknown config key 'rewards'; the top level accepts: algorithm, cluster, data, model, optim, parallel, reward, rollout, trainer"),
+        (["rewards.threshold=50"], r"unknown config key 'rewards'; the top level accepts: algorithm, cluster, critic, data, memory, model, optim, parallel, reward, rollout, trainer"),
         (["reward.threshold=high"], r"reward.threshold: Value 'high'"),
         (["reward.check_think=maybe"], r"reward.check_think"),
         (["reward.reward_type=binary"], r"reward.reward_type='binary' is not allowed; choose one of 'discrete', 'continuous'"),

@@ -46,7 +46,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import venv
 import zipfile
 from collections.abc import Callable
 from pathlib import Path

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from megatron_rl.validation import check_range
 
+PROMPT_TEMPLATES = ("row", "model")
+"""Values of ``data.prompt_template``."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -37,10 +40,20 @@ class DataConfig:
     skip_bad_rows: bool = False
     """Leave out rows that do not fit the schema (and report them) instead of stopping at the first."""
 
-    builtin_tasks: str = ""
+    prompt_template: str = "row"
+    """Which chat template renders a prompt. 'row' (default): a row that a chat template rendered
+    already (the Med-U1 files: one user message holding ``<|im_start|>...<|im_start|>assistant``) is
+    used as it is, and refused when its markers are no tokens of the model's tokenizer (rendered for
+    another model family); rows of chat messages go through the model's chat template. 'model': every
+    prompt goes through the model's own chat template; a rendered row is first read back into its
+    messages (ChatML or Llama 3 markup), so a model whose special tokens differ from Qwen's (Llama 3,
+    Gemma, Mistral, ...) gets its own. See megatron_rl.data.dataset.render_prompts."""
+
+    builtin_tasks: str | None = ""
     """Train on the project's own generated task set (megatron_rl.data.builtin), written to
     RUN_DIR/tasks: 'easy' (learnable by a tiny model in minutes) or 'standard' (Med-U1-style
-    prompts); its test split becomes the validation set. '' (default): use train_files/val_files."""
+    prompts); its test split becomes the validation set. '' (default): use train_files/val_files.
+    ``data.builtin_tasks=`` (empty) on the command line also switches them off."""
 
     builtin_num_train: int = 512
     builtin_num_test: int = 64
@@ -51,6 +64,11 @@ class DataConfig:
         check_range("data.max_prompt_length", self.max_prompt_length, low=1, integer=True)
         check_range("data.batch_size", self.batch_size, low=1, integer=True)
         check_range("data.seed", self.seed, integer=True)
+        if self.builtin_tasks is None:  # `data.builtin_tasks=` on the command line: off, as ''
+            object.__setattr__(self, "builtin_tasks", "")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"data.prompt_template={self.prompt_template!r} is not allowed; choose one of "
+                             f"{', '.join(repr(t) for t in PROMPT_TEMPLATES)}")
         if self.builtin_tasks not in ("", "easy", "standard"):
             raise ValueError(f"data.builtin_tasks={self.builtin_tasks!r} is not allowed; choose '', 'easy' or 'standard'")
         if self.builtin_tasks and (self.train_files or self.val_files):

@@ -12,19 +12,22 @@
 A prompt is rendered exactly once. Rows that a chat template has rendered already (the Med-U1
 files: one user message holding "<|im_start|>system ...<|im_start|>assistant\\n") are used as
 they are; rows of chat messages go through the tokenizer's chat template with the generation
-prompt. Prompts longer than ``max_prompt_length`` tokens are left out and reported, never cut.
+prompt. With ``prompt_template="model"`` (``data.prompt_template``) a rendered row is first read
+back into its messages (:func:`messages_of_rendered`), so every prompt gets the model's own chat
+template. Prompts longer than ``max_prompt_length`` tokens are left out and reported, never cut.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_rl.data.config import DataConfig
+from megatron_rl.data.config import PROMPT_TEMPLATES, DataConfig
 from megatron_rl.data.schema import PromptRow, SkippedRow, field_error, read_rows
 
 if TYPE_CHECKING:
@@ -69,13 +72,17 @@ class PromptDataset:
         *,
         max_prompt_length: int,
         skip_bad_rows: bool = False,
+        prompt_template: str = "row",
     ) -> None:
         """Read ``paths`` in order (a bad row raises ``schema.RowError`` naming file, row, field and
-        value, unless ``skip_bad_rows``) and keep the prompts of at most ``max_prompt_length`` tokens."""
+        value, unless ``skip_bad_rows``) and keep the prompts of at most ``max_prompt_length`` tokens.
+        ``prompt_template``: 'row' or 'model', see ``DataConfig.prompt_template``."""
         if isinstance(paths, (str, Path)) or not paths:
             raise ValueError(f"paths={paths!r} must be a non-empty list of parquet files")
         if isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, int) or max_prompt_length < 1:
             raise ValueError(f"max_prompt_length={max_prompt_length!r} must be a positive integer")
+        if prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt_template={prompt_template!r} is not allowed; choose one of {PROMPT_TEMPLATES}")
         self.files = [str(Path(path)) for path in paths]
         self.max_prompt_length = max_prompt_length
         self.skipped: list[SkippedRow] = []
@@ -83,9 +90,11 @@ class PromptDataset:
         self.examples: list[PromptExample] = []
 
         rows, files, row_indices = [], [], []
-        check = template_family_check(tokenizer)
+        check = prompt_check(tokenizer, prompt_template)
         for file in self.files:
             file_rows, file_skipped = read_rows(file, skip_bad_rows=skip_bad_rows, check=check)
+            if prompt_template == "model":
+                file_rows = [as_messages(row) for row in file_rows]
             rows += file_rows
             files += [file] * len(file_rows)
             row_indices += _kept_indices(len(file_rows), file_skipped)
@@ -108,7 +117,8 @@ class PromptDataset:
         paths = config.train_files if split == "train" else config.val_files
         if not paths:
             raise ValueError(f"data.{split}_files is empty; name at least one parquet file")
-        return cls(paths, tokenizer, max_prompt_length=config.max_prompt_length, skip_bad_rows=config.skip_bad_rows)
+        return cls(paths, tokenizer, max_prompt_length=config.max_prompt_length, skip_bad_rows=config.skip_bad_rows,
+                   prompt_template=config.prompt_template)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -122,18 +132,63 @@ class PromptDataset:
         return len(self.filtered)
 
     def summary(self) -> str:
-        """One line per file: kept, too long, and skipped rows counted by the field at fault."""
+        """One line per file: kept, too long (with the longest prompt's length), and skipped rows
+        counted by the field at fault."""
         kept = Counter(example.file for example in self.examples)
         too_long = Counter(item.file for item in self.filtered)
+        longest: dict[str, int] = {}
+        for item in self.filtered:
+            longest[item.file] = max(longest.get(item.file, 0), item.num_tokens)
         lines = []
         for file in self.files:
-            line = f"{file}: {kept[file]} kept, {too_long[file]} too long (> {self.max_prompt_length} tokens)"
+            line = f"{file}: {kept[file]} kept, {too_long[file]} too long (> {self.max_prompt_length} tokens"
+            line += f"; longest {longest[file]})" if file in longest else ")"
             reasons = Counter(_field_of(item.reason) for item in self.skipped if item.file == file)
             skipped = f"{sum(reasons.values())} skipped"
             if reasons:
                 skipped += " (" + ", ".join(f"{field}: {count}" for field, count in sorted(reasons.items())) + ")"
             lines.append(f"{line}, {skipped}")
         return "\n".join(lines)
+
+
+def check_datasets(train_set: PromptDataset, val_set: PromptDataset | None, config: DataConfig, *,
+                   report: bool = True) -> None:
+    """At the start of a run: print (``report``) how many prompts each file kept and dropped, and
+    refuse a training set that cannot fill one batch of ``config.batch_size`` prompts (with
+    ``drop_last``; an empty one always) or an empty validation set, naming the length filter and
+    the field to raise when it is the cause.
+
+    Raises:
+        ValueError: too few prompts; the message names data.batch_size, data.max_prompt_length and
+            the length that keeps every prompt.
+    """
+    limit = f"data.max_prompt_length={config.max_prompt_length}"
+    if report:
+        for name, dataset in (("training", train_set), ("validation", val_set)):
+            if dataset is not None:
+                lines = "\n".join(f"  {line}" for line in dataset.summary().splitlines())
+                print(f"{name} prompts ({limit}: longer ones are dropped):\n{lines}", flush=True)
+    needed = len(train_set) == 0 or (config.drop_last and len(train_set) < config.batch_size)
+    if needed:
+        raise ValueError(f"data.batch_size={config.batch_size} needs at least {config.batch_size} training prompts "
+                         f"but the training set holds {len(train_set)}{_dropped_because(train_set, limit)}")
+    if val_set is not None and len(val_set) == 0:
+        raise ValueError(f"no validation prompt was kept{_dropped_because(val_set, limit)}")
+
+
+def _dropped_because(dataset: PromptDataset, limit: str) -> str:
+    """Why a dataset holds fewer prompts than its files: the length filter (and the length that keeps
+    every prompt), rows skipped as bad, or neither."""
+    total = len(dataset) + dataset.num_filtered + len(dataset.skipped)
+    parts = []
+    if dataset.num_filtered:
+        longest = max(item.num_tokens for item in dataset.filtered)
+        parts.append(f"{dataset.num_filtered} of {total} prompts were dropped as longer than {limit} tokens "
+                     f"(the longest has {longest}); raise data.max_prompt_length (to {longest} to keep them "
+                     "all) or lower data.batch_size")
+    if dataset.skipped:
+        parts.append(f"{len(dataset.skipped)} bad rows were skipped (data.skip_bad_rows)")
+    return (": " + "; ".join(parts)) if parts else f" from {total} rows"
 
 
 def render_prompts(rows: Sequence[PromptRow], tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -172,6 +227,72 @@ def template_family_check(tokenizer: PreTrainedTokenizerBase) -> Callable[[Promp
                 if marker in content:
                     raise field_error(where, "prompt[0].content", content, f"is chat-templated with {marker!r}, "
                                       "which is not a token of this tokenizer: rendered for another model family")
+
+    return check
+
+
+# A rendered prompt read back into its messages: ChatML (Qwen, SmolLM2, ...) and Llama 3 markup.
+_CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n?", re.DOTALL)
+_CHATML_OPEN = "<|im_start|>assistant\n"
+_LLAMA3_TURN = re.compile(r"<\|start_header_id\|>(system|user|assistant)<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+                          re.DOTALL)
+_LLAMA3_OPEN = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def messages_of_rendered(text: str) -> tuple[tuple[str, str], ...]:
+    """The (role, content) messages of a prompt that a ChatML or Llama 3 chat template rendered, its
+    open assistant turn (the generation prompt) left out, so another chat template can render them::
+
+        "<|im_start|>system\\nS<|im_end|>\\n<|im_start|>user\\nQ<|im_end|>\\n<|im_start|>assistant\\n"
+        -> (("system", "S"), ("user", "Q"))
+
+    Raises:
+        ValueError: the text is not whole turns of one of these two markups followed by at most an
+            empty assistant turn (text outside the turns, a started answer, Mistral's [INST], ...).
+    """
+    if "<|im_start|>" in text:
+        turn, open_turn, head = _CHATML_TURN, _CHATML_OPEN, ""
+    elif "<|start_header_id|>" in text:
+        turn, open_turn, head = _LLAMA3_TURN, _LLAMA3_OPEN, "<|begin_of_text|>"
+    else:
+        raise ValueError("is rendered with a markup other than ChatML (<|im_start|>) or Llama 3 "
+                         "(<|start_header_id|>), which cannot be read back into messages")
+    body = text.removeprefix(head)
+    body = body[: -len(open_turn)] if body.endswith(open_turn) else body
+    messages, position = [], 0
+    for match in turn.finditer(body):
+        if match.start() != position:
+            break
+        messages.append((match.group(1), match.group(2)))
+        position = match.end()
+    if position != len(body) or not messages:
+        raise ValueError(f"has text outside whole chat turns at character {position} "
+                         f"({body[position:position + 40]!r}); cannot read it back into messages")
+    return tuple(messages)
+
+
+def as_messages(row: PromptRow) -> PromptRow:
+    """``row`` with a rendered prompt replaced by its messages (:func:`messages_of_rendered`);
+    a row of chat messages as it is."""
+    if not row.is_templated:
+        return row
+    return replace(row, messages=messages_of_rendered(row.messages[0][1]))
+
+
+def prompt_check(tokenizer: PreTrainedTokenizerBase, prompt_template: str) -> Callable[[PromptRow, str], None]:
+    """The ``read_rows`` check of ``data.prompt_template``: 'row' refuses a rendered row of another
+    model family (:func:`template_family_check`); 'model' refuses a rendered row that cannot be read
+    back into messages. Either raises ``RowError`` naming file, row and field."""
+    if prompt_template == "row":
+        return template_family_check(tokenizer)
+
+    def check(row: PromptRow, where: str) -> None:
+        if row.is_templated:
+            try:
+                messages_of_rendered(row.messages[0][1])
+            except ValueError as err:
+                raise field_error(where, "prompt[0].content", row.messages[0][1],
+                                  f"{err} (data.prompt_template=model)") from None
 
     return check
 

@@ -262,9 +262,11 @@ def _strip_answer_tags(answer: str) -> str:
 
 
 def read_ehrnoteqa(record: dict, where: str) -> Problem:
-    """EHRNoteQA release: clinical notes (note_1..), question, choice_A..choice_E, answer letter."""
-    if "options" in record:
-        options = _letter_options(record["options"], where, "options")
+    """EHRNoteQA release: clinical notes (note_1..), question, choice_A..choice_E, answer letter; or
+    Med-U1 raw (problem, choices or options, answer letter)."""
+    if "options" in record or "choices" in record:
+        key = "options" if "options" in record else "choices"
+        options = _letter_options(record[key], where, key)
     else:
         options = tuple((letter, record[f"choice_{letter}"]) for letter in LETTERS if record.get(f"choice_{letter}"))
         options = _letter_options(dict(options), where, "choice_*")
@@ -366,10 +368,14 @@ def split_of_file(path: Path) -> str:
 
 
 def read_problems(path: Path, *, format_name: str | None = None) -> tuple[str, list[Problem]]:
-    """(format, problems) of one raw file; the format is recognised from its first record."""
+    """(format, problems) of one raw file; the format is recognised from its first record. Without
+    ``format_name``, a record whose ``Source`` names another benchmark is read as that benchmark, so
+    a file that mixes them (Med-U1's ``medoption.json``: MedIQ, MedXpertQA and EHRNoteQA records)
+    keeps each record's own data source."""
     records = load_records(path)
     if not records:
         raise ValueError(f"{path}: no records")
+    given = format_name is not None
     if format_name is None:
         format_name = detect_format(records[0])
         if format_name is None:
@@ -378,8 +384,12 @@ def read_problems(path: Path, *, format_name: str | None = None) -> tuple[str, l
                 f"({', '.join(FORMATS)})"
             )
     check_choice("--format", format_name, FORMATS)
-    reader = READERS[format_name]
-    return format_name, [reader(record, f"{path}: record {i}") for i, record in enumerate(records)]
+    problems = []
+    for index, record in enumerate(records):
+        source = record.get("Source")
+        named = FORMAT_OF_SOURCE.get(source) if isinstance(source, str) and not given else None
+        problems.append(READERS[named or format_name](record, f"{path}: record {index}"))
+    return format_name, problems
 
 
 # --- Preparation --------------------------------------------------------------------------
@@ -448,6 +458,7 @@ def prepare(inputs: Sequence[str | Path], output_dir: str | Path, options: Prepa
     kept = _deduplicate(problems, summary.duplicates_dropped)
     rng = random.Random(options.seed)
     mix: list[PromptRow] = []
+    mixed: set[str] = set()  # the names whose training rows are in the mix
     for (name, split), split_problems in sorted(kept.items(), key=lambda item: (item[0][0], SPLITS.index(item[0][1]))):
         repeats = options.sample_multiple_for_train if split == "train" else 1
         repeated = [problem for _ in range(repeats) for problem in split_problems]
@@ -457,7 +468,8 @@ def prepare(inputs: Sequence[str | Path], output_dir: str | Path, options: Prepa
         summary.written[file_name] = (name, split, write_rows(path, rows))
         if split == "train" and rows and TASK_OF_SOURCE[rows[0].data_source] == CHOICE:
             mix.extend(rows)
-    if mix and len({row.data_source for row in mix}) > 1:
+            mixed.add(name)
+    if len(mixed) > 1:  # one name's file (e.g. --name medoption over a mixed file) is already the mix
         random.Random(options.seed).shuffle(mix)
         mix = [replace(row, index=i) for i, row in enumerate(mix)]
         file_name = f"train_{options.mix_name}.parquet"

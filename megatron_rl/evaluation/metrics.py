@@ -1,8 +1,12 @@
 """Evaluation summary from per-sample records: pure functions of the records in ``results.jsonl``.
 
 Per benchmark (``data_source``) and length budget: accuracy (the rewards' 0/1 validation score,
-averaged over every sample), EMS and ROUGE-L for open-ended answers, mean response length in
-tokens, pass@1 and pass@k (unbiased estimator), and with a budget the mean |length - budget|.
+averaged over every sample), the format-valid rate (<think></think><answer></answer> written as the
+reward asks), EMS and ROUGE-L for open-ended answers, mean response length in tokens, pass@1 and
+pass@k (unbiased estimator), looping responses (:mod:`megatron_rl.evaluation.looping`) and their share
+of the generated tokens, and with a budget the mean |length - budget|. Prompts evaluated with their
+own length instructions ("Think for N tokens.", no --budgets) are one row whose budget column reads
+``own LOW-HIGH`` and whose budget error is measured against each prompt's own N.
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ def summarize(records: Iterable[Record], n: int) -> list[dict[str, object]]:
     """One summary row per (data_source, budget), sorted by data_source then budget (None first).
 
     Each record is one sample (see :mod:`megatron_rl.evaluation.runner` for its fields); every prompt
-    must have exactly ``n`` samples. Row fields: data_source, task, budget, prompts, samples,
-    accuracy, mean_length, truncated (fraction cut at max_tokens), pass@k for k in :func:`pass_ks`,
-    and ems / rouge_l (open-ended) and mean_abs_budget_error (with a budget), else None.
+    must have exactly ``n`` samples. Row fields: data_source, task, budget, budget_label (the budget,
+    ``own LOW-HIGH`` for prompts' own instructions, or ``none``), prompts, samples, accuracy,
+    format_valid (fraction), mean_length, truncated (fraction cut at max_tokens), looping (looping
+    responses), looping_token_share (their tokens / all response tokens), pass@k for k in
+    :func:`pass_ks`, and ems / rouge_l (open-ended) and mean_abs_budget_error (with a budget or own
+    instructions), else None. Records written before a field existed give None for it.
     """
     groups: dict[tuple[str, int | None], dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
@@ -59,23 +66,51 @@ def summarize(records: Iterable[Record], n: int) -> list[dict[str, object]]:
                 raise ValueError(f"prompt {prompt_id!r} (budget {budget}) has {len(group)} samples, expected n={n}")
         lengths = [int(r["response_num_tokens"]) for r in samples]
         open_ended = task_of(source) == OPEN_ENDED
+        label, budget_error = _budget_label_and_error(samples, budget)
+        looping = [r for r in samples if r.get("loop_period") is not None]
+        has_loops = all("loop_period" in r for r in samples)
         row: dict[str, object] = {
             "data_source": source,
             "task": task_of(source),
             "budget": budget,
+            "budget_label": label,
             "prompts": len(prompts),
             "samples": len(samples),
             "accuracy": _mean(float(r["score"]) for r in samples),
+            "format_valid": (_mean(float(r["format_valid"]) for r in samples)
+                             if all("format_valid" in r for r in samples) else None),
             "ems": _mean(float(r["ems"]) for r in samples) if open_ended else None,
             "rouge_l": _mean(float(r["rouge_l"]) for r in samples) if open_ended else None,
             "mean_length": _mean(lengths),
-            "mean_abs_budget_error": None if budget is None else _mean(abs(x - int(budget)) for x in lengths),
+            "mean_abs_budget_error": budget_error,
             "truncated": _mean(float(r["finish_reason"] == "length") for r in samples),
+            "looping": len(looping) if has_loops else None,
+            "looping_token_share": (sum(int(r["response_num_tokens"]) for r in looping) / max(1, sum(lengths))
+                                    if has_loops else None),
         }
         for k in pass_ks(n):
             row[f"pass@{k}"] = _mean(pass_at_k(n, sum(int(r["score"]) for r in group), k) for group in prompts.values())
         rows.append(row)
     return rows
+
+
+def _budget_label_and_error(samples: Sequence[Record], budget: int | None) -> tuple[str, float | None]:
+    """The budget column and the mean |length - budget| of one summary row: the budget itself, or
+    for prompts evaluated with their own instructions (``budget`` None) ``own LOW-HIGH`` ("max" for
+    "Think for maximum N tokens.") measured against each prompt's own N, or ``none``."""
+    lengths = [int(r["response_num_tokens"]) for r in samples]
+    if budget is not None:
+        return str(budget), _mean(abs(x - int(budget)) for x in lengths)
+    own = [(abs(int(r.get("num_tokens", -1))), int(r["response_num_tokens"]), int(r.get("num_tokens", -1)) < 0)
+           for r in samples if int(r.get("num_tokens", -1)) != -1]
+    if not own:
+        return "none", None
+    low, high = min(n for n, _, _ in own), max(n for n, _, _ in own)
+    label = "own " + ("max " if all(is_max for _, _, is_max in own) else "") + (
+        f"{low}" if low == high else f"{low}-{high}")
+    if len(own) < len(samples):
+        label += f" ({len(samples) - len(own)} of {len(samples)} none)"
+    return label, _mean(abs(length - n) for n, length, _ in own)
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -86,14 +121,18 @@ def _mean(values: Iterable[float]) -> float:
 def format_markdown(rows: Sequence[Mapping[str, object]], n: int) -> str:
     """A Markdown table of :func:`summarize`'s rows (EMS and ROUGE-L on 0-100, the rest as fractions)."""
     ks = pass_ks(n)
-    columns = ["benchmark", "budget", "prompts", "samples", "accuracy", "EMS", "ROUGE-L", "mean length",
-               "mean |len - budget|", "truncated", *(f"pass@{k}" for k in ks)]
+    columns = ["benchmark", "budget", "prompts", "samples", "accuracy", "format valid", "EMS", "ROUGE-L",
+               "mean length", "mean |len - budget|", "truncated", "looping (share of tokens)",
+               *(f"pass@{k}" for k in ks)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row["data_source"], "none" if row["budget"] is None else row["budget"], row["prompts"], row["samples"],
-                 _fmt(row["accuracy"], 3), _fmt(row["ems"], 1), _fmt(row["rouge_l"], 1), _fmt(row["mean_length"], 1),
-                 _fmt(row["mean_abs_budget_error"], 1), _fmt(row["truncated"], 3),
-                 *(_fmt(row[f"pass@{k}"], 3) for k in ks)]
+        label = row.get("budget_label") or ("none" if row["budget"] is None else row["budget"])
+        looping = ("-" if row.get("looping") is None else
+                   f"{row['looping']} ({100 * float(row['looping_token_share']):.0f}%)")
+        cells = [row["data_source"], label, row["prompts"], row["samples"], _fmt(row["accuracy"], 3),
+                 _fmt(row.get("format_valid"), 3), _fmt(row["ems"], 1), _fmt(row["rouge_l"], 1),
+                 _fmt(row["mean_length"], 1), _fmt(row["mean_abs_budget_error"], 1), _fmt(row["truncated"], 3),
+                 looping, *(_fmt(row[f"pass@{k}"], 3) for k in ks)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

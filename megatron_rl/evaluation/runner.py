@@ -10,16 +10,20 @@ budgets, ``accuracy_vs_budget.png`` into ``output_dir``.
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megatron_rl.data.dataset import render_prompts, template_family_check, tokenize
+from megatron_rl.data.config import PROMPT_TEMPLATES
+from megatron_rl.data.dataset import as_messages, prompt_check, render_prompts, tokenize
 from megatron_rl.data.schema import PromptRow, read_rows
 from megatron_rl.evaluation import metrics, results
 from megatron_rl.evaluation.budgets import LENGTH_MODES, budget_num_tokens, with_budget
+from megatron_rl.evaluation.looping import find_loop
 from megatron_rl.rewards import RewardConfig, score_batch, text
 from megatron_rl.rewards.report import reward_row
 from megatron_rl.rewards.score import OPEN_ENDED, task_of
@@ -64,6 +68,9 @@ class EvalConfig:
     max_model_len: int | None = None
     """Prompt + response tokens the engine allows; None: the model's max_position_embeddings.
     Prompts longer than ``max_model_len - max_tokens`` are skipped and counted in the summary."""
+    prompt_template: str = "row"
+    """'row': a prompt rendered by a chat template already is used as it is; 'model': every prompt
+    goes through the model's own chat template (see ``data.prompt_template``, megatron_rl.data.config)."""
     reward: RewardConfig = field(default_factory=lambda: EVAL_REWARD)
 
     def __post_init__(self) -> None:
@@ -87,13 +94,15 @@ class EvalConfig:
         check_range("eval.batch_size", self.batch_size, low=1, integer=True)
         if self.max_model_len is not None:
             check_range("eval.max_model_len", self.max_model_len, low=self.max_tokens + 1, integer=True)
+        check_choice("eval.prompt_template", self.prompt_template, PROMPT_TEMPLATES)
 
     def settings(self) -> dict:
         """What determines the results (a resumed run must match it): everything but where and how fast."""
         return {"model": str(Path(self.model).resolve()), "data": [str(Path(p).resolve()) for p in self.data],
                 "n": self.n, "budgets": list(self.budgets), "length_mode": self.length_mode, "backend": self.backend,
                 "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                "seed": self.seed, "reward": asdict(self.reward)}
+                "seed": self.seed, "reward": asdict(self.reward),
+                **({"prompt_template": self.prompt_template} if self.prompt_template != "row" else {})}
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,11 @@ class EvalPrompt:
 def build_prompts(config: EvalConfig, tokenizer) -> list[EvalPrompt]:
     """Every (row, budget) prompt in run order: file by file, row by row, budget by budget."""
     entries = []
-    check = template_family_check(tokenizer)
+    check = prompt_check(tokenizer, config.prompt_template)
     for path in config.data:
         rows, _ = read_rows(path, check=check)
+        if config.prompt_template == "model":
+            rows = [as_messages(row) for row in rows]
         for index, row in enumerate(rows[: config.limit]):
             where = f"{path}: row {index}"
             for budget in config.budgets or (None,):
@@ -134,22 +145,27 @@ def build_prompts(config: EvalConfig, tokenizer) -> list[EvalPrompt]:
 
 def score_prompt(prompt: EvalPrompt, rollouts, reward: RewardConfig) -> list[dict]:
     """The ``results.jsonl`` records of one prompt's samples: response, extracted answer, 0/1 score,
-    reward, token count, and EMS / ROUGE-L (0-100) of the answer for open-ended benchmarks."""
+    reward, whether the format is valid (the reward's format part is positive), token count, the
+    loop that ends the response (``loop_period`` / ``loop_tokens``, None / 0 without one;
+    :func:`megatron_rl.evaluation.looping.find_loop`), and EMS / ROUGE-L (0-100) of the answer for
+    open-ended benchmarks."""
     row = prompt.row
     reward_rows = [reward_row(row, r.text, len(r.token_ids)) for r in rollouts]
     open_ended = task_of(row.data_source) == OPEN_ENDED
     records = []
     for rollout, result in zip(rollouts, score_batch(reward_rows, config=reward), strict=True):
         answer = result.answer or ""
+        loop = find_loop(rollout.token_ids)
         records.append({
             "id": prompt.id, "file": prompt.file, "row": prompt.row_index, "data_source": row.data_source,
             "budget": prompt.budget, "num_tokens": row.num_tokens, "sample_index": rollout.sample_index,
             "prompt": prompt.text, "response": rollout.text, "answer": result.answer,
             "ground_truth": row.ground_truth, "lower_limit": row.lower_limit, "upper_limit": row.upper_limit,
-            "score": result.valid, "reward": result.total,
+            "score": result.valid, "reward": result.total, "format_valid": result.format > 0,
             "ems": text.ems(answer, row.ground_truth) if open_ended else None,
             "rouge_l": text.rouge_l(answer, row.ground_truth) if open_ended else None,
             "response_num_tokens": len(rollout.token_ids), "finish_reason": rollout.finish_reason,
+            "loop_period": loop.period if loop else None, "loop_tokens": loop.num_tokens if loop else 0,
         })  # fmt: skip
     return records
 
@@ -205,15 +221,28 @@ def run_eval(config: EvalConfig, engine: RolloutEngine | None = None, *, progres
             for batch in contiguous_batches(todo, config.batch_size):
                 sampling = SamplingConfig(n=config.n, temperature=config.temperature, top_p=config.top_p,
                                           max_tokens=config.max_tokens, seed=config.seed + batch[0] * config.n)
-                rollouts = engine.generate([list(prompts[i].token_ids) for i in batch], sampling)
+                rollouts = generate_with_progress(engine, [list(prompts[i].token_ids) for i in batch], sampling,
+                                                  on_prompt_done=lambda: bar.update(1))
                 for offset, i in enumerate(batch):
                     group = rollouts[offset * config.n:(offset + 1) * config.n]
                     results.append_prompt(path, score_prompt(prompts[i], group, config.reward))
-                    bar.update(1)
     finally:
         if own_engine:
             engine.close()
     return write_summary(config, path, skipped_too_long=len(too_long), kept={p.key for p in prompts})
+
+
+def generate_with_progress(engine: RolloutEngine, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                           on_prompt_done: Callable[[], None]) -> list:
+    """``engine.generate``, calling ``on_prompt_done()`` as each prompt's samples are finished (engines
+    whose ``generate`` takes ``on_prompt_done``: vLLM's and transformers'), or once per prompt after the
+    call (any other engine)."""
+    if "on_prompt_done" in inspect.signature(engine.generate).parameters:
+        return engine.generate(prompt_token_ids, sampling, on_prompt_done=on_prompt_done)
+    rollouts = engine.generate(prompt_token_ids, sampling)
+    for _ in prompt_token_ids:
+        on_prompt_done()
+    return rollouts
 
 
 def make_engine(config: EvalConfig, max_model_len: int) -> RolloutEngine:
@@ -222,6 +251,8 @@ def make_engine(config: EvalConfig, max_model_len: int) -> RolloutEngine:
         from megatron_rl.rollout.hf_engine import TransformersEngine
 
         return TransformersEngine(config.model)
+    # As in training (megatron_rl/console.py): vLLM's INFO lines would run through the progress bar.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from megatron_rl.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(config.model, max_model_len=max_model_len, seed=config.seed)

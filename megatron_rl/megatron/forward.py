@@ -93,6 +93,42 @@ def token_budget_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[
     return groups
 
 
+
+def forward_groups(
+    mask: torch.Tensor | None, batch: int, seq: int, *, micro_batch_size: int | None, max_tokens_per_micro_batch: int
+) -> list[tuple[list[int], int]]:
+    """The micro-batches of a forward over a (``batch``, ``seq``) batch, as (rows, width) pairs:
+    token-budget groups (:func:`token_budget_micro_batches`) each cut to its longest row (lengths from
+    the (B, T-1) ``mask``; None: every row full) when ``max_tokens_per_micro_batch`` > 0, else
+    ``micro_batch_size`` consecutive rows (default all) at the full width."""
+    if max_tokens_per_micro_batch > 0:
+        lengths = sequence_lengths(mask) if mask is not None else [seq] * batch
+        return [(rows, max(lengths[r] for r in rows))
+                for rows in token_budget_micro_batches(lengths, max_tokens_per_micro_batch)]
+    micro_batch_size = micro_batch_size or batch
+    if batch % micro_batch_size:
+        raise ValueError(f"micro_batch_size={micro_batch_size} does not divide the batch size {batch}")
+    return [(list(range(start, start + micro_batch_size)), seq) for start in range(0, batch, micro_batch_size)]
+
+
+def split_rows(
+    rows: torch.Tensor, mask: torch.Tensor, *, micro_batch_size: int, max_tokens_per_micro_batch: int, field: str
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The rows ``rows`` of a mini-batch in micro-batches, with each one's width: token-budget groups
+    (lengths from the rows of the (N, T-1) ``mask``) cut to their longest row, or (budget 0)
+    ``micro_batch_size`` rows each at the full width T. ``field`` names the micro-batch size setting
+    in the error when it does not divide the rows."""
+    if max_tokens_per_micro_batch > 0:
+        lengths = sequence_lengths(mask[rows])
+        packed = token_budget_micro_batches(lengths, max_tokens_per_micro_batch)  # positions in ``rows``
+        return [rows[group] for group in packed], [max(lengths[i] for i in group) for group in packed]
+    if len(rows) % micro_batch_size:
+        raise ValueError(f"{field}={micro_batch_size} does not divide the {len(rows)} sequences of a mini-batch; "
+                         "pick a divisor of (prompts per mini-batch) x rollout.n")
+    groups = list(rows.split(micro_batch_size))
+    return groups, [mask.shape[1] + 1] * len(groups)
+
+
 @contextlib.contextmanager
 def schedule_shapes(model: torch.nn.Module, shapes: set[tuple[int, int]]) -> Iterator[None]:
     """Run Megatron's schedule over micro-batches of the given (b, T) ``shapes``.
@@ -155,15 +191,8 @@ def forward_logprobs(
     batch, seq = input_ids.shape
     if mask is not None and tuple(mask.shape) != (batch, seq - 1):
         raise ValueError(f"mask shape {tuple(mask.shape)} != (B, T-1) = {(batch, seq - 1)}")
-    if max_tokens_per_micro_batch > 0:
-        lengths = sequence_lengths(mask) if mask is not None else [seq] * batch
-        groups = [(rows, max(lengths[r] for r in rows))
-                  for rows in token_budget_micro_batches(lengths, max_tokens_per_micro_batch)]
-    else:
-        micro_batch_size = micro_batch_size or batch
-        if batch % micro_batch_size:
-            raise ValueError(f"micro_batch_size={micro_batch_size} does not divide the batch size {batch}")
-        groups = [(list(range(start, start + micro_batch_size)), seq) for start in range(0, batch, micro_batch_size)]
+    groups = forward_groups(mask, batch, seq, micro_batch_size=micro_batch_size,
+                            max_tokens_per_micro_batch=max_tokens_per_micro_batch)
     device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
     input_ids = input_ids.to(device)
     mask = None if mask is None else mask.to(device, torch.bool)

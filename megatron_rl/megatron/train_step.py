@@ -184,8 +184,6 @@ def train_step(
         policy loss's metrics, global token means), ``grad_norm`` (before clipping) and ``update_successful``
         (1.0 or 0.0).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     if not micro_batches:
         raise ValueError("micro_batches is empty")
     shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
@@ -243,6 +241,21 @@ def train_step(
 
         return output, loss_func
 
+    names = ("loss", "pg_loss", "kl", "entropy", "rollout_logprob_gap", *_CLIP_METRICS)
+    return schedule_and_step(forward_step, micro_batches, names, loss_name="loss", model=model, optimizer=optimizer,
+                             pp_group=pp_group, dp_group=dp_group)
+
+
+def schedule_and_step(forward_step, micro_batches: Sequence, names: Sequence[str], *, loss_name: str,
+                      model: torch.nn.Module, optimizer, pp_group, dp_group) -> dict[str, float]:
+    """One optimizer step over ``micro_batches`` (each with an ``input_ids`` of its own shape): gradients
+    zeroed, Megatron's forward-backward schedule with ``forward_step``, the reported ``names`` summed
+    over micro-batches (each value already divided by the global count) and data-parallel ranks and
+    sent to every stage, then the optimizer step, skipped on every rank when the loss ``loss_name`` or
+    any gradient is not finite. Adds ``grad_norm`` and ``update_successful``."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
     model.zero_grad_buffer()
     optimizer.zero_grad()
     with schedule_shapes(model, shapes):
@@ -250,15 +263,14 @@ def train_step(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),
             model=[model],
-            num_microbatches=num_microbatches,
+            num_microbatches=len(micro_batches),
             seq_length=max(seq for _, seq in shapes),
             micro_batch_size=max(rows for rows, _ in shapes),
             forward_only=False,
         )
-    names = ("loss", "pg_loss", "kl", "entropy", "rollout_logprob_gap", *_CLIP_METRICS)
     totals = torch.zeros(len(names), dtype=torch.float64)
     pp_size = pp_group.size()
-    if pp_group.rank() == pp_size - 1:  # sum over micro-batches: each value is already divided by N
+    if pp_group.rank() == pp_size - 1:
         for reported in outputs:
             totals += torch.stack([reported[n].double().cpu() for n in names])
     if dp_group.size() > 1:
@@ -268,7 +280,7 @@ def train_step(
     result = dict(zip(names, totals.tolist(), strict=True))
     # Megatron's fp32 and bf16 optimizers (no loss scaler) step on whatever the gradients hold: a NaN
     # would reach every weight. A non-finite loss or gradient anywhere skips the step on every rank.
-    if math.isfinite(result["loss"]) and _gradients_finite(model):
+    if math.isfinite(result[loss_name]) and _gradients_finite(model):
         update_successful, grad_norm, _ = optimizer.step()
     else:  # the gradients are zeroed at the start of the next step
         update_successful, grad_norm = False, None

@@ -10,7 +10,8 @@ What this module adds to plain ``vllm.LLM``, each covered by a test in tests/rol
 
 * the trainer's process is left as it was: torch's thread count and ``set_num_threads``
   (vLLM's CPU worker replaces it with a no-op) and the Python/NumPy/torch RNG states (vLLM
-  reseeds them) are restored after start-up;
+  reseeds them) are restored after start-up; on CPU, generation may run on ``cpu_threads``
+  threads (the caller's count is restored after it);
 * on CPU, ``cpu_gemm="plain"`` keeps the linear layers' plain weights and multiplies with
   ``torch.nn.functional.linear``, so a push is an in-place copy into the engine's tensors (near the
   memory-bandwidth floor); the default, ``"packed"``, is vLLM's own CPU path: oneDNN-packed copies,
@@ -199,6 +200,13 @@ class VLLMEngine:
             their weight tensor with ``torch.nn.functional.linear``; :meth:`load_weights` copies new
             weights into those tensors in place (a copy of every byte, nothing allocated), but a GEMM
             at decode batch sizes took 2-3x as long as the packed one (0.5B shapes, fp32, 16 rows).
+        cpu_threads: Threads torch and vLLM's CPU kernels (OpenMP) use while :meth:`generate` runs on
+            CPU; the caller's count is restored afterwards (the trainer's update keeps its own). None
+            (default): the caller's count. vLLM's CPU worker means to serve on one thread ("Reducing
+            Torch threads from 2 to 1") but in-process its reduction is a no-op. Measured on two cores
+            (bench/cpu_threads.py, docs/training.md "CPU threads"): two threads generated 1.8x faster
+            than one on idle cores and 3-4.6x slower beside other jobs (OpenMP threads spin waiting for
+            a descheduled partner), so 1 suits a shared machine. Ignored on GPU.
         **llm_kwargs: Passed to ``vllm.LLM`` unchanged (e.g. tensor_parallel_size). On GPU,
             ``distributed_executor_backend`` defaults to :func:`rank_local_executor` (the engine on
             ``cuda:LOCAL_RANK``).
@@ -220,6 +228,7 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool = False,
         cpu_gemm: str = "packed",
+        cpu_threads: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         on_gpu = torch.cuda.is_available()
@@ -228,6 +237,9 @@ class VLLMEngine:
         check_choice("rollout.cpu_gemm", cpu_gemm, CPU_GEMMS)
         check_range("rollout.max_model_len", max_model_len, low=1, integer=True)
         check_range("rollout.gpu_memory_utilization", gpu_memory_utilization, low=0.0, low_inclusive=False, high=1.0)
+        if cpu_threads is not None:
+            check_range("rollout.cpu_threads", cpu_threads, low=1, integer=True)
+        self.cpu_threads = None if on_gpu else cpu_threads
         if kv_cache_memory_bytes is None and not on_gpu:
             kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
         if kv_cache_memory_bytes is not None:
@@ -292,7 +304,13 @@ class VLLMEngine:
         prompts = [self._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         params = [self._sampling_params(sampling, i) for i in range(len(prompts))]
         progress = _FinishedPrompts.factory(on_prompt_done) if on_prompt_done is not None else False
-        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        caller_threads = torch.get_num_threads()
+        if self.cpu_threads is not None:
+            torch.set_num_threads(self.cpu_threads)
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        finally:
+            torch.set_num_threads(caller_threads)
         rollouts = []
         for prompt_index, output in enumerate(outputs):
             samples = sorted(output.outputs, key=lambda o: o.index)

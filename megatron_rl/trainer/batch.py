@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_rl.megatron.forward import sequence_lengths, token_budget_micro_batches
+from megatron_rl.megatron.forward import split_rows
 from megatron_rl.megatron.train_step import MicroBatch
 from megatron_rl.rollout.base import Rollout
 
@@ -99,17 +99,9 @@ def make_micro_batches(
     cleared; ``advantages`` is per token, (N, T-1); ``old_logprobs`` None means on-policy (see
     :class:`~megatron_rl.megatron.train_step.MicroBatch`). The engine's logprobs ride along so the
     update reports the trainer-vs-engine gap."""
-    if max_tokens_per_micro_batch > 0:
-        lengths = sequence_lengths(batch.response_mask[rows])
-        packed = token_budget_micro_batches(lengths, max_tokens_per_micro_batch)  # positions in ``rows``
-        groups = [rows[group] for group in packed]
-        widths = [max(lengths[i] for i in group) for group in packed]
-    else:
-        if len(rows) % micro_batch_size:
-            raise ValueError(f"algorithm.micro_batch_size={micro_batch_size} does not divide the {len(rows)} "
-                             "sequences of a mini-batch; pick a divisor of (prompts per mini-batch) x rollout.n")
-        groups = list(rows.split(micro_batch_size))
-        widths = [batch.input_ids.shape[1]] * len(groups)
+    groups, widths = split_rows(rows, batch.response_mask, micro_batch_size=micro_batch_size,
+                                max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+                                field="algorithm.micro_batch_size")
     out = []
     for chunk, width in zip(groups, widths, strict=True):
         targets = slice(0, width - 1)

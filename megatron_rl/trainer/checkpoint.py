@@ -86,10 +86,14 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
         return partial
 
-    def save(self, step: int, state: TrainerState, *, write_shards, write_extra=None) -> Path:
+    def save(self, step: int, state: TrainerState, *, write_shards, write_extra=None, before_rename=None) -> Path:
         """Write checkpoint ``step``: ``write_shards(tmp_dir)`` runs on every rank (collective), then
-        rank 0 runs ``write_extra(tmp_dir)``, adds ``state`` and renames the directory into place.
-        Returns the final directory."""
+        rank 0 runs ``write_extra(tmp_dir)``, adds ``state``, syncs the files, runs ``before_rename()``
+        and renames the directory into place. Returns the final directory.
+
+        ``before_rename`` is for what must be on disk whenever the checkpoint is: the loop appends
+        the step's metrics line there. A kill before the rename leaves the line without the
+        checkpoint (the resume drops it and runs the step again); after it, both are there."""
         final = self.step_dir(step)
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0:
@@ -109,14 +113,20 @@ class CheckpointManager:
         except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
             raise self._save_failed(step, tmp, err) from err
         if self.rank == 0:
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                self._discard(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            if before_rename is not None:
+                before_rename()
+            self._publish(tmp, final)
             for _, old in self.complete()[: -self.keep_last]:
                 self._discard(old)
         barrier()
         return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished ``tmp`` to ``final`` (atomic): from here on the checkpoint counts."""
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            self._discard(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
 
     def _save_failed(self, step: int, tmp: Path, err: Exception) -> OSError:
         """The error of a save that failed part-way (disk full, quota, I/O error): the partial directory

@@ -15,6 +15,7 @@ replica's share of the prompts and sends the token tensors to the other ranks of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -24,14 +25,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_rl import algorithms
 from megatron_rl.checkpoint.hf_io import remove_stale_temporaries
 from megatron_rl.config import Config
-from megatron_rl.data.dataset import PromptDataset, PromptExample, PromptSampler
+from megatron_rl.data.dataset import PromptDataset, PromptExample, PromptSampler, check_datasets
 from megatron_rl.megatron.forward import forward_logprobs
+from megatron_rl.megatron.offload import OptimizerOffload
 from megatron_rl.megatron.optim import build_optimizer, set_lr, unwrap_ddp
 from megatron_rl.megatron.parallel import (
     ParallelInfo,
+    data_parallel_group,
     destroy_parallel,
     init_parallel,
     local_world_env,
@@ -39,21 +41,24 @@ from megatron_rl.megatron.parallel import (
 )
 from megatron_rl.megatron.train_step import LossSettings, count_valid_sequences, count_valid_tokens, train_step
 from megatron_rl.trainer import phases, setup
+from megatron_rl.trainer.advantage import step_advantages
 from megatron_rl.trainer.batch import RolloutBatch, broadcast_batch, make_micro_batches
 from megatron_rl.trainer.checkpoint import CheckpointManager
-from megatron_rl.trainer.metrics import METRICS_FILE, ROLLOUTS_FILE, MetricsWriter, PhaseTimer, truncate_step_records
+from megatron_rl.trainer.colocation import Colocation, resolve_offload
+from megatron_rl.trainer.critic import Critic, uses_critic
+from megatron_rl.trainer.device import choose_device
+from megatron_rl.trainer.metrics import (
+    GENERATIONS_FILE,
+    METRICS_FILE,
+    ROLLOUTS_FILE,
+    MetricsWriter,
+    PhaseTimer,
+    truncate_step_records,
+)
 
 __all__ = ["Trainer", "train"]
 
 log = logging.getLogger(__name__)
-
-ADVANTAGE_FUNCTIONS = {
-    "grpo": algorithms.grpo_advantages,
-    "dr_grpo": algorithms.dr_grpo_advantages,
-    "rloo": algorithms.rloo_advantages,
-    "reinforce_pp": algorithms.reinforce_pp_baseline_advantages,
-}
-
 
 def train(cfg: Config) -> Path:
     """Run ``cfg`` to its last step (resuming if asked); return the run directory."""
@@ -73,6 +78,10 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.trainer.output_dir)
+        bf16 = cfg.optim.bf16 or (uses_critic(cfg) and cfg.critic.optim.bf16)
+        self.device = choose_device(cfg.trainer.device, bf16=bf16)  # before anything touches CUDA
+        if os.environ.get("RANK", "0") == "0":
+            print(self.device.line(), flush=True)
         self.info: ParallelInfo = init_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
         self.is_main = self.info.rank == 0
         self.feeds_engine = self.info.tp_rank == 0 and self.info.pp_rank == 0
@@ -80,25 +89,40 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
         self.inputs = setup.prepare_inputs(cfg, self.run_dir, self.info)
         self.tokenizer, self.hf_config = setup.load_tokenizer_and_config(self.inputs.model_dir)
+        self.memory_plan = setup.check_memory(cfg, self.hf_config, self.info)  # before any model is built
         self.train_set = PromptDataset(self.inputs.train_files, self.tokenizer,
                                        max_prompt_length=cfg.data.max_prompt_length,
-                                       skip_bad_rows=cfg.data.skip_bad_rows)
+                                       skip_bad_rows=cfg.data.skip_bad_rows, prompt_template=cfg.data.prompt_template)
         self.val_set = (PromptDataset(self.inputs.val_files, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                      skip_bad_rows=cfg.data.skip_bad_rows) if self.inputs.val_files else None)
+                                      skip_bad_rows=cfg.data.skip_bad_rows, prompt_template=cfg.data.prompt_template)
+                        if self.inputs.val_files else None)
+        check_datasets(self.train_set, self.val_set, cfg.data, report=self.is_main)  # kept / dropped per file
         self.sampler = PromptSampler.from_config(len(self.train_set), cfg.data)
         self._check_batch_shape()
         self.policy = setup.build_policy(cfg, self.hf_config, self.inputs.model_dir, self.info)
         self.optimizer = build_optimizer(self.policy, cfg.optim)
+        # PPO with a critic: the value model (same layout, trunk from the same weights, a value head)
+        self.critic = Critic(cfg, self.hf_config, self.inputs.model_dir, self.info) if uses_critic(cfg) else None
+        self.kl_controller = cfg.algorithm.make_kl_controller() if cfg.algorithm.kl_in_reward else None
         self.step_count = 0
         self.nonfinite_streak = 0
-        self.engine = setup.build_engine(cfg, self.inputs.model_dir, self.info)
+        self.engine = setup.build_engine(cfg, self.inputs.model_dir, self.info)  # None where nothing generates
         self.fed_engine = self.engine if self.feeds_engine else None  # what the weight sync feeds here
+        # colocated: the engine sleeps until the first push (trainer/colocation.py has the order)
+        self.colocation = Colocation(self.fed_engine, sleeps=cfg.rollout.mode == "colocated")
+        self.colocation.sleep_engine()
         self.sync = setup.build_weight_sync(cfg, self.policy, self.hf_config)
         reference_dir = self._sft_warmup_or_resume()
         self._drop_records_after(self.step_count)
         self.reference = (setup.build_reference(cfg, self.hf_config, reference_dir, self.info)
-                          if cfg.algorithm.kl_coef > 0 else None)
-        self.sync.push(self.fed_engine)
+                          if cfg.algorithm.kl_coef > 0 or cfg.algorithm.kl_in_reward else None)
+        self.colocation.add_reference(self.reference, offload=resolve_offload(
+            "memory.offload_reference", cfg.memory.offload_reference, auto=self.device.device == "cuda"))
+        if setup.offload_optimizer(cfg, self.memory_plan):
+            self.colocation.add_optimizer_offload(OptimizerOffload(self.policy, self.optimizer))
+            if self.critic is not None:
+                self.critic.offload_optimizer()
+        self.colocation.push_weights(self.sync)
         self.metrics = (MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard,
                                       wandb_project=cfg.trainer.wandb_project,
                                       config=dataclasses.asdict(cfg)) if self.is_main else None)
@@ -108,33 +132,61 @@ class Trainer:
 
     def fit(self) -> None:
         cfg = self.cfg.trainer
-        progress = setup.progress_bar(cfg, self.step_count, enabled=self.is_main)
-        if cfg.test_freq and self.step_count == 0:
+        total = self.total_steps()
+        if self.is_main:
+            print(self._run_length(total), flush=True)
+        progress = setup.progress_bar(cfg, self.step_count, total=total, enabled=self.is_main)
+        if cfg.test_freq and cfg.val_before_train and self.step_count == 0:
             self._log(0, self.validate())
-        while self.step_count < cfg.total_steps:
+        while self.step_count < total:
             step = self.step_count + 1
             start = time.perf_counter()
             metrics = self.step(step)
             self.step_count = step
-            last = step == cfg.total_steps
+            last = step == total
             if cfg.test_freq and (step % cfg.test_freq == 0 or last):
                 validating = time.perf_counter()
                 metrics.update(self.validate())
                 metrics["time/validate_s"] = time.perf_counter() - validating
             if (cfg.save_freq and step % cfg.save_freq == 0) or last:
-                saving = time.perf_counter()
-                self.save_checkpoint()
-                metrics["time/checkpoint_s"] = time.perf_counter() - saving
-            metrics["time/step_s"] = time.perf_counter() - start  # all of it: validation and checkpoint too
-            self._log(step, metrics)
+                # The step's line is appended once the checkpoint is written and synced, just before
+                # the rename that makes it count: a kill before the rename loses both (the resume
+                # drops the line and runs the step again), a kill after it keeps both.
+                self.save_checkpoint(before_rename=functools.partial(self._log_step, step, metrics, start,
+                                                                     time.perf_counter()))
+            else:
+                self._log_step(step, metrics, start)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
-                                 step_s=f"{metrics['time/step_s']:.1f}")
+                                 step_s=f"{metrics.get('time/step_s', float('nan')):.1f}")
         progress.close()
         if cfg.export_hf and not cfg.rollout_only:
             self.export_hf(self.run_dir / "hf")
         if self.is_main:
             setup.finish(self.run_dir)
+
+    def total_steps(self) -> int:
+        """Steps of the run: ``trainer.total_epochs`` x the batches of an epoch, or ``trainer.total_steps``."""
+        cfg = self.cfg.trainer
+        return cfg.total_epochs * len(self.sampler) if cfg.total_epochs else cfg.total_steps
+
+    def _run_length(self, total: int) -> str:
+        """What the run's length is made of, printed at start."""
+        prompts, batch = len(self.train_set), self.cfg.data.batch_size
+        epoch = (f"{len(self.sampler)} batches of {batch} prompts per epoch: {prompts} training prompts, "
+                 f"{prompts % batch if self.cfg.data.drop_last else 0} left out of each epoch by data.drop_last")
+        if self.cfg.trainer.total_epochs:
+            return f"run length: {total} steps (trainer.total_epochs={self.cfg.trainer.total_epochs} x {epoch})"
+        return f"run length: {total} steps (trainer.total_steps; {epoch})"
+
+    def _log_step(self, step: int, metrics: dict[str, float], started: float, saving: float | None = None) -> None:
+        """Append step ``step``'s line; ``time/step_s`` runs from ``started`` (validation and checkpoint
+        included) to now, ``time/checkpoint_s`` from ``saving`` (the checkpoint's start) to now."""
+        now = time.perf_counter()
+        if saving is not None:
+            metrics["time/checkpoint_s"] = now - saving
+        metrics["time/step_s"] = now - started
+        self._log(step, metrics)
 
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step; returns its metrics. Only rank 0 logs them, and it holds them all: the rollout
@@ -143,11 +195,11 @@ class Trainer:
         batch, rows_metrics = self.rollouts(step, timer)
         metrics: dict[str, float] = dict(rows_metrics)
         if not self.cfg.trainer.rollout_only:
+            self.colocation.sleep_engine()  # the update needs the memory; wakes in push_weights
             metrics.update(self.update(batch, timer))
             with timer("sync"):
-                metrics.update({f"sync/{k}": v for k, v in self.sync.push(self.fed_engine).items()})
-                if self.cfg.rollout.check_weights:
-                    self.sync.check(self.fed_engine)
+                pushed = self.colocation.push_weights(self.sync, check=self.cfg.rollout.check_weights)
+                metrics.update({f"sync/{k}": v for k, v in pushed.items()})
         metrics.update(timer.seconds)
         return metrics
 
@@ -161,38 +213,67 @@ class Trainer:
         return packed, metrics
 
     def update(self, batch: RolloutBatch, timer: PhaseTimer) -> dict[str, float]:
-        """Advantages, old/reference logprobs, then ppo_epochs x mini-batches of clipped updates."""
+        """Old/reference logprobs (and the critic's values), advantages, then ppo_epochs x mini-batches of
+        updates: the critic's (if any), then the policy's (after critic.warmup_steps)."""
         alg, vocab = self.cfg.algorithm, self.hf_config.vocab_size
-        advantages = ADVANTAGE_FUNCTIONS[alg.advantage](batch.rewards, batch.group_index)
-        token_advantages = algorithms.broadcast_to_tokens(advantages, batch.response_mask)
         loss_mask = batch.response_mask & ~(batch.truncated.unsqueeze(-1) if alg.overlong_filter else False)
         micro = alg.micro_batch_size
         mini_batches = [self._mini_batches(len(batch), epoch) for epoch in range(alg.ppo_epochs)]
         on_policy = len(mini_batches) == 1 and len(mini_batches[0]) == 1  # one update: old policy == current
         temperature = self.cfg.rollout.temperature
+        passes = {"vocab_size": vocab, "temperature": temperature, "micro_batch_size": micro,  # response tokens only
+                  "max_tokens_per_micro_batch": alg.max_tokens_per_micro_batch, "mask": batch.response_mask,
+                  "chunk_size": alg.logprob_chunk_size}
+        # On-policy, the update measures the trainer-vs-engine gap on the tokens of its loss; with none left
+        # (every response cut and algorithm.overlong_filter) it would report 0.0, so the policy's logprobs
+        # of the sampled tokens are taken here instead, as for off-policy updates.
+        gap_in_update = on_policy and bool(loss_mask.any()) and not alg.kl_in_reward  # KL in reward: old needed
         with timer("logprob"):
-            old = None if on_policy else forward_logprobs(unwrap_ddp(self.policy), batch.input_ids, vocab_size=vocab,
-                                                          temperature=temperature, micro_batch_size=micro).logprobs
-            ref = (forward_logprobs(self.reference, batch.input_ids, vocab_size=vocab, temperature=temperature,
-                                    micro_batch_size=micro).logprobs if self.reference is not None else None)
-        settings = LossSettings(clip_low=alg.clip_low, clip_high=alg.clip_high, clip_c=alg.clip_c,
+            old = (None if gap_in_update else
+                   forward_logprobs(unwrap_ddp(self.policy), batch.input_ids, **passes).logprobs)
+            with self.colocation.reference_on_device() as reference:  # on the device for its forward only
+                ref = (forward_logprobs(reference, batch.input_ids, **passes).logprobs
+                       if reference is not None else None)
+        with timer("critic"):
+            values = self.critic.values(batch) if self.critic is not None else None
+        advantage = step_advantages(alg, batch, values=values, old_logprobs=old, ref_logprobs=ref,
+                                    kl_controller=self.kl_controller, dp_group=data_parallel_group())
+        token_advantages = advantage.token_advantages
+        metrics = dict(advantage.metrics)
+        if self.critic is not None:
+            with timer("critic"):
+                metrics.update(self.critic.train(batch, mini_batches, loss_mask=loss_mask, old_values=values,
+                                                 returns=advantage.returns, step=self.step_count + 1))
+            if self.step_count < self.cfg.critic.warmup_steps:  # value pre-training: the policy waits
+                return metrics
+        settings = LossSettings(policy_loss=alg.policy_loss, policy_loss_params=alg.policy_loss_params(),
+                                clip_low=alg.clip_low, clip_high=alg.clip_high, clip_c=alg.clip_c,
                                 kl_coef=alg.kl_coef, kl_kind=alg.kl_kind, temperature=temperature,
-                                entropy_coef=alg.entropy_coef, loss_agg=alg.loss_agg)
+                                entropy_coef=alg.entropy_coef, loss_agg=alg.loss_agg,
+                                loss_agg_constant=batch.input_ids.shape[1] - 1,
+                                logprob_chunk_size=alg.logprob_chunk_size)
         sums: dict[str, float] = {}
         updates = 0
+        with timer("offload"):  # optimizer state and gradient buffers back on the device (if offloaded)
+            self.colocation.optimizer_to_device()
         with timer("update"):
             for epoch_batches in mini_batches:
                 for rows in epoch_batches:
                     micro_batches = make_micro_batches(batch, rows, micro_batch_size=micro, loss_mask=loss_mask,
                                                        old_logprobs=old, advantages=token_advantages,
-                                                       ref_logprobs=ref)
-                    result = self._guarded_step(micro_batches, settings)
+                                                       ref_logprobs=ref,
+                                                       max_tokens_per_micro_batch=alg.max_tokens_per_micro_batch)
+                    # clip_cov's random tokens: one seed per update, the same when a resumed run redoes it
+                    seed = self.cfg.trainer.seed * 1_000_003 + (self.step_count + 1) * 1_009 + updates
+                    result = self._guarded_step(micro_batches, dataclasses.replace(settings, loss_seed=seed))
                     for key, value in result.items():
                         sums[key] = sums.get(key, 0.0) + value
                     updates += 1
-        metrics = {f"actor/{k}": v / updates for k, v in sums.items() if k != "rollout_logprob_gap"}
+        with timer("offload"):  # to host memory while the engine has the device (if offloaded)
+            self.colocation.optimizer_to_host()
+        metrics.update({f"actor/{k}": v / updates for k, v in sums.items() if k != "rollout_logprob_gap"})
         # trainer-vs-engine logprobs of the sampled tokens, before the update (same weights)
-        metrics["rollout/logprob_gap_mean"] = (sums["rollout_logprob_gap"] if on_policy else
+        metrics["rollout/logprob_gap_mean"] = (sums["rollout_logprob_gap"] if gap_in_update else
                                                float((old - batch.rollout_logprobs).abs()[batch.response_mask].mean()))
         return metrics
 
@@ -229,21 +310,33 @@ class Trainer:
     # ------------------------------------------------------------------ validation, checkpoints, export
 
     def validate(self) -> dict[str, float]:
-        """Greedy answers to the validation prompts, scored: val/test_acc/<source>, val/test_score/<source>
-        (computed and returned on rank 0 only, which logs them)."""
+        """``rollout.val_n`` answers to each validation prompt at ``rollout.val_temperature``, scored:
+        val/test_acc/<source>, val/test_score/<source> (means over every answer) and, with val_n > 1,
+        val/pass@k/<source> (computed and returned on rank 0 only, which logs them)."""
         metrics: dict[str, float] = {}
         if self.is_main and self.val_set is not None:
             metrics = phases.validate(self)
         return metrics
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, before_rename=None) -> Path:
+        """Checkpoint the current step; ``before_rename()`` runs on rank 0 once it is written, just
+        before it counts (:meth:`CheckpointManager.save`)."""
         from megatron_rl.checkpoint.distributed import save_checkpoint
 
         state = {"sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        if self.kl_controller is not None:
+            state["kl_controller"] = self.kl_controller.state_dict()
+
+        def write_shards(tmp: Path) -> None:  # the policy, then the critic in tmp/critic
+            save_checkpoint(tmp, self.policy, self.optimizer, iteration=self.step_count)
+            if self.critic is not None:
+                self.critic.save(tmp)
+
         return self.checkpoints.save(
             self.step_count, state,
-            write_shards=lambda tmp: save_checkpoint(tmp, self.policy, self.optimizer, iteration=self.step_count),
-            write_extra=lambda tmp: phases.write_checkpoint_metadata(tmp, self.cfg, self.inputs.model_dir))
+            write_shards=write_shards,
+            write_extra=lambda tmp: phases.write_checkpoint_metadata(tmp, self.cfg, self.inputs.model_dir),
+            before_rename=before_rename)
 
     def export_hf(self, out_dir: Path) -> None:
         """The policy as a Hugging Face model directory (collective; rank 0 writes)."""
@@ -260,11 +353,20 @@ class Trainer:
         if cfg.resume == "auto":
             from megatron_rl.checkpoint.distributed import load_checkpoint
 
-            found = self.checkpoints.load_latest(lambda path: load_checkpoint(path, self.policy, self.optimizer))
+            def load_shards(path: Path) -> None:
+                load_checkpoint(path, self.policy, self.optimizer)
+                if self.critic is not None:
+                    self.critic.load(path)
+
+            if self.critic is not None:
+                self.critic.check_resumable(self.checkpoints)
+            found = self.checkpoints.load_latest(load_shards)
             if found is not None:
                 self.step_count, state = found
                 self.sampler.load_state_dict(state["sampler"])
                 self.nonfinite_streak = state.get("nonfinite_streak", 0)
+                if self.kl_controller is not None and "kl_controller" in state:
+                    self.kl_controller.load_state_dict(state["kl_controller"])
                 if self.is_main:
                     print(f"resumed from {self.checkpoints.step_dir(self.step_count)} (step {self.step_count})",
                           flush=True)
@@ -272,22 +374,26 @@ class Trainer:
         elif self.checkpoints.complete():
             raise ValueError(f"trainer.resume=never but {self.checkpoints.root} holds checkpoints; "
                              "use a new trainer.output_dir or trainer.resume=auto")
-        if cfg.sft_warmup_steps and reference_dir.is_dir():  # warmed up before, then stopped before a checkpoint
-            setup.load_weights(self.policy, self.optimizer, reference_dir, self.hf_config, self.info)
-        elif cfg.sft_warmup_steps:
+        if cfg.sft_warmup_steps and not reference_dir.is_dir():
             phases.sft_warmup(self, reference_dir)
+        if cfg.sft_warmup_steps:  # (warmed up now, or before a stop that came before the first checkpoint)
             setup.load_weights(self.policy, self.optimizer, reference_dir, self.hf_config, self.info)
+            if self.critic is not None:  # the critic's trunk starts where RL starts, as the reference
+                self.critic.load_hf(reference_dir)
         return reference_dir
 
     def _drop_records_after(self, step: int) -> None:
-        """Drop what an interrupted attempt logged after ``step`` (the step this run starts from, 0 when
-        no checkpoint was found): those steps run again, and their lines would otherwise appear twice."""
+        """Keep the metrics and rollout lines of the steps the checkpoint this run starts from covers
+        (``step``; every line of a step <= ``step`` was on disk before that checkpoint was renamed into
+        place) and drop the rest: those steps run again, and their lines would otherwise appear twice.
+        With no checkpoint (``step`` 0) every line goes, the step-0 validation line included."""
         if not self.is_main:
             return
-        for path in (self.run_dir / METRICS_FILE, self.run_dir / ROLLOUTS_FILE):
-            dropped = truncate_step_records(path, step)
+        for path in (self.run_dir / METRICS_FILE, self.run_dir / ROLLOUTS_FILE, self.run_dir / GENERATIONS_FILE):
+            dropped = truncate_step_records(path, step if step > 0 else -1)
             if dropped:
-                print(f"{path}: {dropped} lines of steps after {step} dropped (an interrupted attempt's; "
+                after = f"steps after {step}" if step > 0 else "an attempt that saved no checkpoint"
+                print(f"{path}: {dropped} lines of {after} dropped (an interrupted attempt's; "
                       "those steps run again)", flush=True)
 
     def _check_batch_shape(self) -> None:
@@ -303,8 +409,12 @@ class Trainer:
         if alg.mini_batch_size and local % alg.mini_batch_size:
             raise ValueError(f"algorithm.mini_batch_size={alg.mini_batch_size} does not divide the {local} "
                              "prompts each data-parallel rank gets per step")
-        if (mini * n) % alg.micro_batch_size:
+        if not alg.max_tokens_per_micro_batch and (mini * n) % alg.micro_batch_size:  # a token budget packs any count
             raise ValueError(f"algorithm.micro_batch_size={alg.micro_batch_size} does not divide the {mini * n} "
+                             f"sequences of a mini-batch ({mini} prompts x rollout.n={n})")
+        critic = self.cfg.critic
+        if uses_critic(self.cfg) and not critic.max_tokens_per_micro_batch and (mini * n) % critic.micro_batch_size:
+            raise ValueError(f"critic.micro_batch_size={critic.micro_batch_size} does not divide the {mini * n} "
                              f"sequences of a mini-batch ({mini} prompts x rollout.n={n})")
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
@@ -317,6 +427,10 @@ class Trainer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        else:  # a rank that never generates: vLLM's process groups without an engine (setup.build_engine)
+            from megatron_rl.rollout.vllm_engine import close_process_groups
+
+            close_process_groups()
         destroy_parallel()
 
     def local_prompts(self, indices: list[int]) -> list[PromptExample]:

@@ -20,8 +20,10 @@ from megatron_rl.jsonl import append_records, rewrite_records
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"  # rollout-only mode's responses, one line per response
+GENERATIONS_FILE = "generations.jsonl"  # trainer.log_generations responses of each step, one line per response
 
-__all__ = ["METRICS_FILE", "ROLLOUTS_FILE", "MetricsWriter", "PhaseTimer", "read_metrics", "truncate_step_records"]
+__all__ = ["GENERATIONS_FILE", "METRICS_FILE", "ROLLOUTS_FILE", "MetricsWriter", "PhaseTimer", "read_metrics",
+           "truncate_step_records"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ SFT warm-up, and writing models out. Each takes the :class:`~megatron_rl.trainer
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from collections import defaultdict
@@ -14,16 +15,19 @@ import torch
 
 from megatron_rl.config import to_yaml
 from megatron_rl.data.dataset import PromptExample, tokenize
+from megatron_rl.evaluation.metrics import pass_at_k, pass_ks
 from megatron_rl.jsonl import append_records
 from megatron_rl.megatron.parallel import barrier
 from megatron_rl.rewards import RewardResult, report, score_batch
 from megatron_rl.rewards.report import reward_row
 from megatron_rl.rollout.base import Rollout, SamplingConfig
 from megatron_rl.trainer.batch import RolloutBatch, make_micro_batches, pack_rollouts
-from megatron_rl.trainer.metrics import PhaseTimer
+from megatron_rl.trainer.metrics import GENERATIONS_FILE, PhaseTimer
 
 if TYPE_CHECKING:
     from megatron_rl.trainer.loop import Trainer
+
+log = logging.getLogger(__name__)
 
 SFT_MODEL = "sft_model"
 """RUN_DIR/sft_model: the model after the SFT warm-up (HF), the start of RL and its reference."""
@@ -31,20 +35,28 @@ SFT_MODEL = "sft_model"
 
 def generate_and_score(tr: Trainer, step: int, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
     """Sample this replica's prompts, generate ``n`` responses each, score them; with dynamic
-    sampling, keep only groups whose rewards differ and sample more prompts until the batch is full."""
+    sampling, keep only groups whose rewards differ and sample more prompts until the batch is full.
+
+    ``sampling/equal_reward_groups`` counts the groups (of every sampling round) whose ``n`` rewards
+    are all equal: their advantages are 0, they teach nothing. When every group of the batch is such
+    a group a warning says so (:func:`_warn_if_nothing_to_learn`). A few responses are written to
+    RUN_DIR/generations.jsonl (:func:`_log_generations`)."""
     cfg = tr.cfg
     if cfg.trainer.replay_rollouts:
         prompts, rollouts = _replay(tr, step)
         with timer("score"):
             results = _score(tr, prompts, rollouts)
-        return _finish(tr, prompts, rollouts, results)
+        equal = _warn_if_nothing_to_learn(tr, step, [r.total for r in results])
+        _log_generations(tr, step, prompts, rollouts, results)
+        batch, metrics = _finish(tr, prompts, rollouts, results)
+        return batch, {**metrics, "sampling/equal_reward_groups": float(equal)}
     alg, n = cfg.algorithm, cfg.rollout.n
     kept_prompts: list[PromptExample] = []
     kept_rollouts: list[Rollout] = []
     kept_results: list[RewardResult] = []
     dropped: list[tuple[PromptExample, list[Rollout], list[RewardResult]]] = []
     want = cfg.data.batch_size // tr.info.dp_size
-    rounds = 0
+    rounds = equal_groups = 0
     while len(kept_prompts) < want and rounds < alg.max_sampling_rounds:
         prompts = tr.local_prompts(next(iter(tr.sampler)))
         sampling = SamplingConfig(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
@@ -58,7 +70,9 @@ def generate_and_score(tr: Trainer, step: int, timer: PhaseTimer) -> tuple[Rollo
         for index, prompt in enumerate(prompts):
             group = rollouts[index * n : (index + 1) * n]
             group_results = results[index * n : (index + 1) * n]
-            if alg.dynamic_sampling and len({r.total for r in group_results}) == 1:
+            equal = len({r.total for r in group_results}) == 1
+            equal_groups += equal
+            if alg.dynamic_sampling and equal:
                 dropped.append((prompt, group, group_results))
                 continue
             if len(kept_prompts) < want:
@@ -70,9 +84,59 @@ def generate_and_score(tr: Trainer, step: int, timer: PhaseTimer) -> tuple[Rollo
         _append_group(kept_prompts, kept_rollouts, kept_results, prompt, group, group_results)
     if tr.cfg.trainer.rollout_only:
         _save_rollouts(tr, step, kept_prompts, kept_rollouts, kept_results)
-    metrics_extra = {"sampling/rounds": float(rounds), "sampling/equal_reward_groups": float(len(dropped))}
+    _warn_if_nothing_to_learn(tr, step, [r.total for r in kept_results])
+    _log_generations(tr, step, kept_prompts, kept_rollouts, kept_results)
+    metrics_extra = {"sampling/rounds": float(rounds), "sampling/equal_reward_groups": float(equal_groups)}
     batch, metrics = _finish(tr, kept_prompts, kept_rollouts, kept_results)
     return batch, {**metrics, **metrics_extra}
+
+
+def equal_reward_groups(rewards: Sequence[float], n: int) -> int:
+    """How many of the groups of ``n`` consecutive rewards (one prompt's responses) are all equal."""
+    return sum(len(set(rewards[i : i + n])) == 1 for i in range(0, len(rewards), n))
+
+
+def _warn_if_nothing_to_learn(tr: Trainer, step: int, rewards: Sequence[float]) -> int:
+    """Warn (rank 0) when every group of the batch ``rewards`` (this replica's; groups of rollout.n)
+    has equal rewards: every advantage is 0, so the step costs a full update and moves the policy only
+    through the KL and entropy terms (not at all without them). Returns the number of such groups."""
+    n = tr.cfg.rollout.n
+    equal = equal_reward_groups(rewards, n)
+    alg = tr.cfg.algorithm
+    outcome_only = alg.advantage != "gae" and not alg.kl_in_reward  # else values / KL make advantages differ
+    if tr.is_main and rewards and equal == len(rewards) // n and not tr.cfg.trainer.rollout_only and outcome_only:
+        effect = ("only through the KL and entropy terms" if alg.kl_coef or alg.entropy_coef else "not at all")
+        values = sorted(set(rewards))
+        shown = (f"every reward is {values[0]:g}" if len(values) == 1
+                 else "rewards " + ", ".join(f"{v:g}" for v in values[:4]))
+        log.warning("step %d: each of the %d groups has equal rewards (%s), so every advantage is 0: the update "
+                    "costs a full step and changes the policy %s. If the model does not write the answer format "
+                    "yet, trainer.sft_warmup_steps teaches it (RUN_DIR/generations.jsonl shows what it writes).",
+                    step, len(rewards) // n, shown, effect)
+    return equal
+
+
+def _log_generations(tr: Trainer, step: int, prompts, rollouts: Sequence[Rollout], results) -> None:
+    """Append ``trainer.log_generations`` of this step's responses to RUN_DIR/generations.jsonl (rank
+    0): sample 0 of the first prompts, then sample 1, ...; with the prompt, the reward and its parts.
+    A resumed run drops the lines of the steps it runs again (Trainer._drop_records_after)."""
+    count = tr.cfg.trainer.log_generations
+    if not tr.is_main or count == 0:
+        return
+    chosen = sorted(range(len(rollouts)), key=lambda i: (rollouts[i].sample_index, rollouts[i].prompt_index))[:count]
+    records = []
+    for i in chosen:
+        rollout, result = rollouts[i], results[i]
+        prompt = prompts[rollout.prompt_index]
+        records.append({
+            "step": step, "file": Path(prompt.file).name, "row_index": prompt.row_index,
+            "data_source": prompt.row.data_source, "sample_index": rollout.sample_index, "prompt": prompt.prompt_text,
+            "response": rollout.text, "reward": result.total, "format": result.format,
+            "correctness": result.correctness, "length": result.length, "answer": result.answer,
+            "ground_truth": prompt.row.ground_truth, "response_num_tokens": len(rollout.token_ids),
+            "finish_reason": rollout.finish_reason,
+        })  # fmt: skip
+    append_records(tr.run_dir / GENERATIONS_FILE, records)
 
 
 def _append_group(prompts, rollouts, results, prompt, group: Sequence[Rollout], group_results) -> None:
@@ -121,20 +185,34 @@ def reward_metrics(prompts, rollouts, results: Sequence[RewardResult], batch: Ro
 
 
 def validate(tr: Trainer) -> dict[str, float]:
-    """Answers to the validation prompts at ``rollout.val_temperature`` (greedy by default), scored:
-    ``val/test_acc/<source>`` (the 0/1 validation score) and ``val/test_score/<source>`` (the reward)."""
+    """``rollout.val_n`` answers to each validation prompt at ``rollout.val_temperature`` (greedy by
+    default; top_p 1, no top_k, as verl samples validation), scored. Means over every answer, as
+    verl's: ``val/test_acc/<source>`` (the 0/1 validation score), ``val/test_score/<source>`` (the
+    reward), ``val/test_acc/all``, ``val/response_length/mean``; with val_n > 1 also the unbiased
+    ``val/pass@k/<source>`` and ``val/pass@k/all`` (mean over prompts) for k = 2, 4, ... and val_n
+    (pass@1 is test_acc)."""
     cfg = tr.cfg
+    n = cfg.rollout.val_n
     examples = tr.val_set.examples[: cfg.trainer.val_limit or None]
-    sampling = SamplingConfig(n=1, temperature=cfg.rollout.val_temperature, max_tokens=cfg.rollout.max_response_length,
+    sampling = SamplingConfig(n=n, temperature=cfg.rollout.val_temperature, max_tokens=cfg.rollout.max_response_length,
                               seed=cfg.trainer.seed)
     rollouts = tr.engine.generate([list(e.prompt_token_ids) for e in examples], sampling)
-    overall, by_source = _per_source(examples, rollouts, _score(tr, examples, rollouts))
+    results = _score(tr, examples, rollouts)
+    overall, by_source = _per_source(examples, rollouts, results)
     metrics = {}
     for source, stats in by_source.items():
         metrics[f"val/test_acc/{source}"] = stats["accuracy"]
         metrics[f"val/test_score/{source}"] = stats["reward"]
     metrics["val/test_acc/all"] = overall["accuracy"]
     metrics["val/response_length/mean"] = sum(len(r.token_ids) for r in rollouts) / len(rollouts)
+    if n > 1:
+        correct: dict[str, list[int]] = defaultdict(list)  # data source -> correct answers of each prompt
+        for index, example in enumerate(examples):  # rollouts[index * n + j]: answer j of prompt index
+            correct[example.row.data_source].append(sum(r.valid for r in results[index * n : (index + 1) * n]))
+        groups = {**correct, "all": [c for counts in correct.values() for c in counts]}
+        for k in pass_ks(n)[1:]:
+            for source, counts in groups.items():
+                metrics[f"val/pass@{k}/{source}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
     return metrics
 
 

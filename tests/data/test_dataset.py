@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from megatron_rl.config import load_config, to_yaml
 from megatron_rl.data.config import DataConfig
-from megatron_rl.data.dataset import PromptDataset, PromptSampler, batches
+from megatron_rl.data.dataset import PromptDataset, PromptSampler, batches, check_datasets, messages_of_rendered
 from megatron_rl.data.schema import PromptRow, RowError, write_rows
 from megatron_rl.testing import tiny_model
 
@@ -122,7 +122,45 @@ def test_prompts_over_the_limit_are_left_out_and_reported(medu1_paths: list[str]
     for path, line in zip(medu1_paths, summary, strict=True):
         num_long = sum(1 for p, _ in too_long if p == path)
         kept = len(reference[path]["ids"]) - num_long
-        assert line == f"{path}: {kept} kept, {num_long} too long (> {limit} tokens), 0 skipped"
+        longest = max((len(ids) for ids in reference[path]["ids"]), default=0)
+        long_part = f"; longest {longest})" if num_long else ")"
+        assert line == f"{path}: {kept} kept, {num_long} too long (> {limit} tokens{long_part}, 0 skipped"
+
+
+def test_the_start_of_a_run_reports_each_file_and_names_the_filter_when_too_few_prompts_are_left(
+    tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "three.parquet"
+    write_rows(path, [_row("Short?"), _row("A much longer question " * 20), _row("Also " * 30 + "long?")])
+    lengths = [len(e.prompt_token_ids) for e in PromptDataset([path], tokenizer, max_prompt_length=NO_LIMIT)]
+    limit = min(lengths)  # keeps the short prompt only
+    train = PromptDataset([path], tokenizer, max_prompt_length=limit)
+    config = DataConfig(train_files=(str(path),), max_prompt_length=limit, batch_size=1)
+    check_datasets(train, train, config)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"training prompts (data.max_prompt_length={limit}: longer ones are dropped):"
+    assert out[1] == f"  {path}: 1 kept, 2 too long (> {limit} tokens; longest {max(lengths)}), 0 skipped"
+    assert out[2].startswith("validation prompts") and len(out) == 4
+    check_datasets(train, None, config, report=False)
+    assert capsys.readouterr().out == ""
+
+    with pytest.raises(ValueError) as info:  # the quickstart's batch on files it mostly filters out
+        check_datasets(train, None, dataclasses.replace(config, batch_size=4), report=False)
+    assert str(info.value) == (
+        f"data.batch_size=4 needs at least 4 training prompts but the training set holds 1: 2 of 3 prompts were "
+        f"dropped as longer than data.max_prompt_length={limit} tokens (the longest has {max(lengths)}); raise "
+        f"data.max_prompt_length (to {max(lengths)} to keep them all) or lower data.batch_size")
+    everything = PromptDataset([path], tokenizer, max_prompt_length=max(lengths))
+    check_datasets(everything, None, dataclasses.replace(config, batch_size=3), report=False)  # raised: enough
+    with pytest.raises(ValueError, match="but the training set holds 3 from 3 rows"):  # no filter to blame
+        check_datasets(everything, None, dataclasses.replace(config, batch_size=4), report=False)
+    check_datasets(train, None, dataclasses.replace(config, batch_size=4, drop_last=False), report=False)
+    none_kept = PromptDataset([path], tokenizer, max_prompt_length=limit - 1)
+    with pytest.raises(ValueError, match="no validation prompt was kept: 3 of 3 prompts were dropped"):
+        check_datasets(train, none_kept, config, report=False)
+    # an empty training set, even without drop_last
+    with pytest.raises(ValueError, match="but the training set holds 0: 3 of 3 prompts were dropped"):
+        check_datasets(none_kept, None, dataclasses.replace(config, drop_last=False), report=False)
 
 
 def test_a_prompt_of_exactly_the_limit_is_kept(tokenizer, tmp_path: Path) -> None:
@@ -233,6 +271,72 @@ def test_chat_messages_need_a_chat_template(tokenizer, tmp_path: Path) -> None:
     plain.chat_template = None
     with pytest.raises(ValueError, match="1 prompts are chat messages but the tokenizer has no chat template"):
         PromptDataset([path], plain, max_prompt_length=NO_LIMIT)
+
+
+# --- (d2) data.prompt_template: the model's own chat template -------------------------------
+
+
+def test_rendered_prompts_read_back_into_their_messages() -> None:
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat causes scurvy?<|im_end|>\n"
+    assert messages_of_rendered(chatml + "<|im_start|>assistant\n") == (
+        ("system", "Be brief."), ("user", "What causes scurvy?"))
+    assert messages_of_rendered(chatml) == (("system", "Be brief."), ("user", "What causes scurvy?"))
+    llama = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat causes scurvy?<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert messages_of_rendered(llama) == (("user", "What causes scurvy?"),)
+    with pytest.raises(ValueError, match="text outside whole chat turns at character 0"):
+        messages_of_rendered("Intro " + chatml)
+    with pytest.raises(ValueError, match="text outside whole chat turns"):  # an answer already begun
+        messages_of_rendered(chatml + "<|im_start|>assistant\n<think>")
+    with pytest.raises(ValueError, match="markup other than ChatML"):
+        messages_of_rendered("[INST] What causes scurvy? [/INST]")
+
+
+def test_model_template_renders_medu1_prompts_as_they_are_stored_for_their_own_family(
+    medu1_paths: list[str], medu1_dataset: PromptDataset, tokenizer
+) -> None:
+    # The tiny tokenizer carries Qwen2.5's template, the one the Med-U1 prompts were rendered with.
+    again = PromptDataset(medu1_paths[:2], tokenizer, max_prompt_length=NO_LIMIT, prompt_template="model")
+    stored = [e for e in medu1_dataset.examples if e.file in medu1_paths[:2]]
+    assert len(again) == len(stored) > 0
+    for ours, theirs in zip(again.examples, stored, strict=True):
+        assert not ours.row.is_templated and [r for r, _ in ours.row.messages] == ["system", "user"]
+        assert ours.prompt_text == theirs.prompt_text and ours.prompt_token_ids == theirs.prompt_token_ids
+
+
+OTHER_TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_model_template_gives_a_model_of_another_family_its_own_tokens(tokenizer, tmp_path: Path) -> None:
+    chatml = ("<|im_start|>system\nAnswer in <answer></answer>.<|im_end|>\n<|im_start|>user\nWhat causes "
+              "scurvy?<|im_end|>\n<|im_start|>assistant\n")
+    llama = "<|start_header_id|>user<|end_header_id|>\n\nWhat causes rickets?<|eot_id|>"
+    path = tmp_path / "rendered.parquet"
+    write_rows(path, [_row(chatml), _row("What causes beriberi?")])
+    other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    other.chat_template = OTHER_TEMPLATE
+    as_stored = PromptDataset([path], other, max_prompt_length=NO_LIMIT)  # 'row': the rendered text as it is
+    assert as_stored[0].prompt_text == chatml
+    own = PromptDataset([path], other, max_prompt_length=NO_LIMIT, prompt_template="model")
+    assert [e.prompt_text for e in own] == [
+        "[system] Answer in <answer></answer>.\n[user] What causes scurvy?\n[assistant] ",
+        "[user] What causes beriberi?\n[assistant] ",
+    ]
+    assert own[0].prompt_token_ids == tuple(other(own[0].prompt_text, add_special_tokens=False)["input_ids"])
+    assert own[0].row.ground_truth == "C" and own[0].row_index == 0
+
+    write_rows(path, [_row(llama)])  # Llama 3 markup the Qwen tokenizer lacks: refused as is, re-rendered here
+    with pytest.raises(ValueError, match="not a token of this tokenizer"):
+        PromptDataset([path], tokenizer, max_prompt_length=NO_LIMIT)
+    qwen = PromptDataset([path], tokenizer, max_prompt_length=NO_LIMIT, prompt_template="model")[0].prompt_text
+    assert qwen.endswith("<|im_start|>user\nWhat causes rickets?<|im_end|>\n<|im_start|>assistant\n")
+
+    write_rows(path, [_row("[INST] What causes pellagra? [/INST]"), _row("What causes goitre?")])
+    with pytest.raises(RowError, match=r"row 0: prompt\[0\]\.content=.*markup other than ChatML.*=model"):
+        PromptDataset([path], other, max_prompt_length=NO_LIMIT, prompt_template="model")
+    kept = PromptDataset([path], other, max_prompt_length=NO_LIMIT, prompt_template="model", skip_bad_rows=True)
+    assert [e.row_index for e in kept] == [1] and [s.row for s in kept.skipped] == [0]
 
 
 # --- (e) the sampler ------------------------------------------------------------------------
@@ -355,6 +459,7 @@ def test_batches_are_lists_of_examples(tokenizer, tmp_path: Path) -> None:
         ({"shuffle": "yes"}, r"data.shuffle='yes' must be true or false"),
         ({"train_files": "a.parquet"}, r"data.train_files='a.parquet' must be a list of parquet paths"),
         ({"val_files": ["a.parquet", ""]}, r"data.val_files holds ''"),
+        ({"prompt_template": "chatml"}, r"data.prompt_template='chatml' is not allowed; choose one of 'row', 'model'"),
     ],
 )
 def test_data_config_errors_name_field_and_value(kwargs: dict, message: str) -> None:
@@ -370,6 +475,15 @@ def test_data_config_from_overrides_and_yaml(tmp_path: Path) -> None:
     assert load_config(tmp_path / "run.yaml") == cfg
     with pytest.raises(ValueError, match="data.batch_size=0 must be >= 1"):
         load_config(overrides=["data.batch_size=0"])
+
+
+def test_an_empty_builtin_tasks_on_the_command_line_switches_the_builtin_tasks_off() -> None:
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    assert load_config(quickstart).data.builtin_tasks == "easy"
+    for empty in ("data.builtin_tasks=", "data.builtin_tasks=''"):
+        cfg = load_config(quickstart, [empty, "data.train_files=[my.parquet]"])
+        assert cfg.data.builtin_tasks == "" and cfg.data.train_files == ("my.parquet",)
+    assert "builtin_tasks: ''" in to_yaml(cfg)  # the run's config.yaml reloads as it ran
 
 
 def test_dataset_and_sampler_from_config(tokenizer, tmp_path: Path) -> None:

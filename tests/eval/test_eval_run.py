@@ -124,7 +124,7 @@ def test_resume_after_sigkill(tiny_dir, medu1_dir, tmp_path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tiny_dir), str(out), *data], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     results = out / "results.jsonl"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # only a bound: the loop ends as soon as a prompt is written (slow under load)
     while time.monotonic() < deadline and proc.poll() is None:
         if results.is_file() and len(results.read_text().splitlines()) >= 2:  # one whole prompt
             break
@@ -182,3 +182,89 @@ def test_cli_names_a_bad_option(args, message, tmp_path, capsys) -> None:
     code = main(["eval", "--model", str(tmp_path), "--data", "x.parquet", "--output-dir", str(tmp_path), *args])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+class ProgressEngine(ScriptedEngine):
+    """The scripted engine with the ``on_prompt_done`` hook of the real engines: it counts the
+    results.jsonl lines present at each call (the bar moves during a batch, before any is written)."""
+
+    def __init__(self, truths, results_path: Path) -> None:
+        super().__init__(truths)
+        self.results_path = results_path
+        self.lines_at_call: list[int] = []
+
+    def generate(self, prompt_token_ids, sampling, *, on_prompt_done=None):
+        rollouts = super().generate(prompt_token_ids, sampling)
+        for _ in prompt_token_ids:
+            lines = self.results_path.read_text().count("\n") if self.results_path.exists() else 0
+            self.lines_at_call.append(lines)
+            on_prompt_done()
+        return rollouts
+
+
+def test_progress_advances_per_finished_prompt_and_own_budgets_fill_the_budget_column(
+    tiny_dir, medu1_dir, tmp_path, capsys
+) -> None:
+    config = _config(tiny_dir, medu1_dir, tmp_path, budgets=(), limit=2, n=2, batch_size=4)  # 8 prompts, 2 calls
+    engine = ProgressEngine(truths_for(config), tmp_path / "results.jsonl")
+    summary = run_eval(config, engine, progress=True)
+    assert engine.lines_at_call == [0, 0, 0, 0, 8, 8, 8, 8]  # after a call: its 4 prompts x 2 samples written
+    assert "8/8" in capsys.readouterr().err
+    records = _lines(tmp_path)
+    assert all(r["format_valid"] == ("<answer>" in r["response"]) for r in records)  # the script's tagged answers
+    assert all(r["loop_period"] is None and r["loop_tokens"] == 0 for r in records)  # tokens 0, 1, 2, ...
+    for row in summary["benchmarks"]:  # Med-U1 prompts carry "Think for N tokens." with N of their own
+        own = [r["num_tokens"] for r in records if r["data_source"] == row["data_source"]]
+        assert row["budget"] is None and row["budget_label"] == f"own {min(own)}-{max(own)}"
+        assert row["mean_abs_budget_error"] == pytest.approx(
+            sum(abs(r["response_num_tokens"] - r["num_tokens"]) for r in records
+                if r["data_source"] == row["data_source"]) / len(own))
+    assert "own " in (tmp_path / "summary.md").read_text() and "| none |" not in (tmp_path / "summary.md").read_text()
+
+
+def test_an_engine_without_the_progress_hook_advances_once_per_prompt_after_its_call(tiny_dir, medu1_dir) -> None:
+    from megatron_rl.evaluation.runner import generate_with_progress
+    from megatron_rl.rollout.base import SamplingConfig
+
+    config = _config(tiny_dir, medu1_dir, "unused", budgets=(), limit=1, n=1)
+    truths = truths_for(config)
+    done = []
+    rollouts = generate_with_progress(ScriptedEngine(truths), [list(ids) for ids in truths], SamplingConfig(n=1),
+                                      on_prompt_done=lambda: done.append(1))
+    assert len(done) == len(truths) == len(rollouts) == 4
+
+
+def test_model_prompt_template_renders_medu1_rows_with_the_models_template(tiny_dir, medu1_dir, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from megatron_rl.evaluation.runner import build_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    stored = build_prompts(_config(tiny_dir, medu1_dir, tmp_path, budgets=(None, 256), limit=2), tokenizer)
+    rendered = build_prompts(_config(tiny_dir, medu1_dir, tmp_path, budgets=(None, 256), limit=2,
+                                     prompt_template="model"), tokenizer)
+    assert [p.text for p in rendered] == [p.text for p in stored]  # Qwen's template: the stored text again
+    assert all(not p.row.is_templated for p in rendered)
+    assert "prompt_template" not in _config(tiny_dir, medu1_dir, tmp_path).settings()  # old folders resume
+
+
+def test_vllm_engine_calls_on_prompt_done_once_per_prompt_and_samples_alike(tiny_dir) -> None:
+    import torch
+
+    from megatron_rl.rollout.base import SamplingConfig
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(tiny_dir, max_model_len=128, seed=0)
+    try:
+        prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
+        torch.set_num_threads(2)
+        threads = []  # torch's thread count each time a prompt finished
+        with_hook = engine.generate(prompts, sampling, on_prompt_done=lambda: threads.append(torch.get_num_threads()))
+        assert threads == [2, 2, 2]  # one call per prompt; by default on the caller's threads
+        engine.cpu_threads = 1  # rollout.cpu_threads=1 (CPU): generation on one thread, the caller's count after
+        one_thread = engine.generate(prompts, sampling, on_prompt_done=lambda: threads.append(torch.get_num_threads()))
+        assert threads[3:] == [1, 1, 1] and torch.get_num_threads() == 2
+        assert [r.token_ids for r in with_hook] == [r.token_ids for r in one_thread]  # same samples either way
+    finally:
+        engine.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_rl.evaluation.metrics import pass_at_k, pass_ks, summarize
+from megatron_rl.evaluation.metrics import format_markdown, pass_at_k, pass_ks, summarize
 
 
 def test_pass_at_k_by_hand() -> None:
@@ -57,3 +57,30 @@ def test_summary_by_hand() -> None:
 def test_summary_refuses_a_prompt_with_missing_samples() -> None:
     with pytest.raises(ValueError, match=r"prompt 'a' \(budget None\) has 1 samples, expected n=2"):
         summarize([_record("a", 0, 1, 10)], n=2)
+
+
+def test_format_valid_rate_looping_share_and_prompts_own_budgets_by_hand() -> None:
+    # No --budgets: each prompt keeps its own "Think for N tokens." (num_tokens N) or none (-1).
+    records = [
+        _record("a", 0, 1, 40, num_tokens=100, format_valid=True, loop_period=None),
+        _record("a", 1, 0, 300, num_tokens=100, format_valid=False, loop_period=3),  # looping to max_tokens
+        _record("b", 0, 0, 50, num_tokens=400, format_valid=True, loop_period=None),
+        _record("b", 1, 0, 10, num_tokens=400, format_valid=True, loop_period=None),
+    ]
+    (row,) = summarize(records, n=2)
+    assert row["budget"] is None and row["budget_label"] == "own 100-400"
+    assert row["mean_abs_budget_error"] == (60 + 200 + 350 + 390) / 4  # each length vs its own N
+    assert row["format_valid"] == 3 / 4
+    assert row["looping"] == 1 and row["looping_token_share"] == 300 / (40 + 300 + 50 + 10)
+    table = format_markdown([row], 2)
+    assert "| MedIQ | own 100-400 | 2 | 4 | 0.250 | 0.750 | - | - | 100.0 | 250.0 | 0.250 | 1 (75%) |" in table
+
+    # "Think for maximum N tokens." (num_tokens -N) and rows without an instruction
+    mixed = [_record("c", 0, 0, 30, num_tokens=-512), _record("d", 0, 0, 30, num_tokens=-1)]
+    (row,) = summarize(mixed, n=1)
+    assert row["budget_label"] == "own max 512 (1 of 2 none)" and row["mean_abs_budget_error"] == 482
+    assert row["format_valid"] is None and row["looping"] is None  # records written before these fields
+    (row,) = summarize([_record("e", 0, 0, 30, num_tokens=-1)], n=1)
+    assert (row["budget_label"], row["mean_abs_budget_error"]) == ("none", None)
+    (row,) = summarize([_record("e", 0, 0, 30, budget=64, num_tokens=64)], n=1)
+    assert (row["budget_label"], row["mean_abs_budget_error"]) == ("64", 34)

@@ -14,7 +14,13 @@ inside the phase. The moment is appended to the ``--log`` file first. Phases:
     update      advantages, logprobs and the optimizer step
     sync        pushing the new weights into the rollout engine
     checkpoint  writing the step's checkpoint
+    metrics     appending the step's metrics line (STEP 0: the validation before training); at a
+                checkpoint step this comes after the checkpoint's files, before its rename
+    rename      renaming the step's finished checkpoint into place (what makes it count)
     export      writing hf/ after the last step (STEP = that step)
+
+A SECONDS far beyond the phase's length (e.g. 1e6) kills exactly as the phase returns: just after
+the metrics line is on disk, or just after the checkpoint's rename.
 
 ``--nan-steps`` makes the loss of those steps NaN (NaN advantages on every token), as a numerically
 broken batch would: the update runs for real on the NaN loss.
@@ -32,7 +38,7 @@ import sys
 import threading
 import time
 
-PHASES = ("prepare", "sft", "load", "generate", "update", "sync", "checkpoint", "export")
+PHASES = ("prepare", "sft", "load", "generate", "update", "sync", "checkpoint", "metrics", "rename", "export")
 
 _state = {"step": 0}
 
@@ -56,7 +62,8 @@ def _armed(function, phase: str, step: int, seconds: float, log_file: str):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        current = args[1] if phase == "checkpoint" else _state["step"]  # CheckpointManager.save(self, step)
+        # CheckpointManager.save(self, step, ...) and MetricsWriter.log(self, step, ...) name their step
+        current = args[1] if phase in ("checkpoint", "metrics") else _state["step"]
         if current != step:
             return function(*args, **kwargs)
         started = time.monotonic()
@@ -74,6 +81,7 @@ def _armed(function, phase: str, step: int, seconds: float, log_file: str):
 def _install_kill(spec: str, log_file: str) -> None:
     from megatron_rl.trainer import loop, phases, setup
     from megatron_rl.trainer.checkpoint import CheckpointManager
+    from megatron_rl.trainer.metrics import MetricsWriter
     from megatron_rl.weight_sync.sync import WeightSync
 
     phase, step, seconds = spec.split(":")
@@ -82,7 +90,8 @@ def _install_kill(spec: str, log_file: str) -> None:
     targets = {"prepare": (setup, "prepare_inputs"), "sft": (phases, "sft_warmup"),
                "load": (CheckpointManager, "load_latest"), "generate": (phases, "generate_and_score"),
                "update": (loop.Trainer, "update"), "sync": (WeightSync, "push"),
-               "checkpoint": (CheckpointManager, "save"), "export": (phases, "export_hf")}
+               "checkpoint": (CheckpointManager, "save"), "metrics": (MetricsWriter, "log"),
+               "rename": (CheckpointManager, "_publish"), "export": (phases, "export_hf")}
     owner, name = targets[phase]
     setattr(owner, name, _armed(getattr(owner, name), phase, int(step), float(seconds), log_file))
 

@@ -41,6 +41,27 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_new_one(tmp_path):
     assert not (manager.root / ".tmp-step_00000002").exists()  # its space is given back at once
 
 
+def test_before_rename_runs_once_the_files_are_written_and_before_the_checkpoint_counts(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(1, {}, write_shards=_writer(b"a"))
+    seen = []
+
+    def before_rename():  # what the loop does there: append the step's metrics line
+        tmp = manager.root / ".tmp-step_00000002"
+        seen.append((sorted(p.name for p in tmp.iterdir()), [step for step, _ in manager.complete()]))
+
+    manager.save(2, {}, write_shards=_writer(b"b"), before_rename=before_rename)
+    assert seen == [(["shard.bin", STATE_FILE], [1])]  # complete files, not yet a checkpoint
+    assert [step for step, _ in manager.complete()] == [1, 2]
+
+    def killed():
+        raise KeyboardInterrupt  # a kill between the metrics line and the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(3, {}, write_shards=_writer(b"c"), before_rename=killed)
+    assert [step for step, _ in manager.complete()] == [1, 2]  # no checkpoint 3: the resume drops its line
+
+
 def test_load_latest_falls_back_past_damaged_checkpoints(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=5)
     for step in (1, 2, 3):
