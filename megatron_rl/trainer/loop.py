@@ -175,9 +175,10 @@ class Trainer:
         prompts, batch = len(self.train_set), self.cfg.data.batch_size
         epoch = (f"{len(self.sampler)} batches of {batch} prompts per epoch: {prompts} training prompts, "
                  f"{prompts % batch if self.cfg.data.drop_last else 0} left out of each epoch by data.drop_last")
+        steps = f"{total} step" + ("" if total == 1 else "s")
         if self.cfg.trainer.total_epochs:
-            return f"run length: {total} steps (trainer.total_epochs={self.cfg.trainer.total_epochs} x {epoch})"
-        return f"run length: {total} steps (trainer.total_steps; {epoch})"
+            return f"run length: {steps} (trainer.total_epochs={self.cfg.trainer.total_epochs} x {epoch})"
+        return f"run length: {steps} (trainer.total_steps; {epoch})"
 
     def _log_step(self, step: int, metrics: dict[str, float], started: float, saving: float | None = None) -> None:
         """Append step ``step``'s line; ``time/step_s`` runs from ``started`` (validation and checkpoint
