@@ -96,10 +96,9 @@ def test_vllm_accepts_the_executor_class() -> None:
     assert Executor.get_class(config) is rank_local_executor()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host: its engines take the rank-local executor")
 def test_cpu_engines_keep_vllms_executor(tiny_dir, monkeypatch) -> None:
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA host")
     VLLMEngine(tiny_dir, max_model_len=256)
     assert "distributed_executor_backend" not in FakeLLM.instances[-1].kwargs
 
@@ -136,10 +135,9 @@ def test_without_sleep_mode_the_state_is_kept_but_vllm_is_not_called(fake_gpu, t
     assert fake_gpu.instances[-1].calls == [("generate", 1)]
 
 
-def test_init_process_groups_needs_the_trainers_world() -> None:
+def test_init_process_groups_needs_the_trainers_world(monkeypatch) -> None:
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        pytest.skip("a process group exists in this process")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # as in a process that never made its world
     with pytest.raises(RuntimeError, match="needs torch.distributed's default group"):
         vllm_engine.init_process_groups()

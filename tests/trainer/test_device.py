@@ -99,13 +99,12 @@ def test_bf16_on_the_cpu_is_an_error_naming_the_field(cpu_torch, monkeypatch, re
         choose_device(requested, bf16=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU host trains bf16")
 def test_a_bf16_recipe_loads_on_cpu_but_its_run_stops_first(tmp_path) -> None:
     """The 3B recipe (bf16) loads here (tests read it); its run stops before making anything."""
     cfg = load_config(REPO / "examples" / "medu1_qwen2.5_3b.yaml", [f"trainer.output_dir={tmp_path / 'run'}",
                                                                        "model.path=/nonexistent"])
     assert cfg.optim.bf16
-    if torch.cuda.is_available():
-        pytest.skip("a GPU host trains bf16")
     from megatron_rl.trainer.loop import Trainer
 
     with pytest.raises(ValueError, match="optim.bf16=true needs CUDA"):
