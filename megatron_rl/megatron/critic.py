@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl import algorithms
-from megatron_rl.megatron.forward import forward_groups, schedule_shapes, split_rows, stage_forward
+from megatron_rl.megatron.forward import forward_groups, run_schedule, split_rows, stage_forward
 from megatron_rl.megatron.optim import OptimizerSettings, unwrap_ddp
 from megatron_rl.megatron.parallel import data_parallel_group, pipeline_parallel_group
 from megatron_rl.validation import check_choice, check_range
@@ -244,8 +244,6 @@ def forward_values(
     Every rank of a model replica calls this with the same arguments. ``input_ids`` (B, T) right-padded,
     ``mask`` (B, T-1) bool (the response tokens).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     batch, seq = input_ids.shape
     if tuple(mask.shape) != (batch, seq - 1):
         raise ValueError(f"mask shape {tuple(mask.shape)} != (B, T-1) = {(batch, seq - 1)}")
@@ -265,11 +263,8 @@ def forward_values(
 
         return hidden, collect
 
-    with schedule_shapes(model, {tuple(ids.shape) for ids in micro_batches}):
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-            num_microbatches=len(micro_batches), seq_length=max(width for _, width in groups),
-            micro_batch_size=max(len(rows) for rows, _ in groups), forward_only=True)
+    outputs = run_schedule(model, forward_step, micro_batches, {tuple(ids.shape) for ids in micro_batches},
+                           forward_only=True)
     pp_group = pipeline_parallel_group()
     pp_size = pp_group.size()
     values = torch.zeros((batch, seq - 1), dtype=torch.float32, device=device)

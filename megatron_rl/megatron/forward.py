@@ -16,10 +16,13 @@ from megatron_rl.megatron.optim import unwrap_ddp
 from megatron_rl.megatron.parallel import pipeline_parallel_group, tensor_parallel_group
 
 __all__ = [
+    "forward_groups",
     "forward_logprobs",
     "output_weight",
+    "run_schedule",
     "schedule_shapes",
     "sequence_lengths",
+    "split_rows",
     "stage_forward",
     "token_budget_micro_batches",
 ]
@@ -129,6 +132,25 @@ def split_rows(
     return groups, [mask.shape[1] + 1] * len(groups)
 
 
+def run_schedule(model: torch.nn.Module, forward_step, micro_batches: Sequence, shapes: set[tuple[int, int]], *,
+                 forward_only: bool) -> list:
+    """Megatron's pipeline schedule of ``forward_step`` over ``micro_batches``, whose input ids have the
+    (b, T) ``shapes`` (several: :func:`schedule_shapes`); returns what the last stage's loss functions
+    reported, one per micro-batch (an empty list on the other stages)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    with schedule_shapes(model, shapes):
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(seq for _, seq in shapes),
+            micro_batch_size=max(rows for rows, _ in shapes),
+            forward_only=forward_only,
+        )
+
+
 @contextlib.contextmanager
 def schedule_shapes(model: torch.nn.Module, shapes: set[tuple[int, int]]) -> Iterator[None]:
     """Run Megatron's schedule over micro-batches of the given (b, T) ``shapes``.
@@ -186,8 +208,6 @@ def forward_logprobs(
         ``(logprobs, entropy)``, each (B, T-1) fp32 in the rows' original order, 0 outside ``mask``;
         entropy None unless ``with_entropy``.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     batch, seq = input_ids.shape
     if mask is not None and tuple(mask.shape) != (batch, seq - 1):
         raise ValueError(f"mask shape {tuple(mask.shape)} != (B, T-1) = {(batch, seq - 1)}")
@@ -214,16 +234,8 @@ def forward_logprobs(
         return hidden, collect
 
     pp_group = pipeline_parallel_group()
-    with schedule_shapes(model, {tuple(ids.shape) for ids, _ in micro_batches}):
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=len(micro_batches),
-            seq_length=max(width for _, width in groups),
-            micro_batch_size=max(len(rows) for rows, _ in groups),
-            forward_only=True,
-        )
+    outputs = run_schedule(model, forward_step, micro_batches, {tuple(ids.shape) for ids, _ in micro_batches},
+                           forward_only=True)
     pp_size, is_last = pp_group.size(), pp_group.rank() == pp_group.size() - 1
     shape = (batch, seq - 1)
     logprobs = torch.zeros(shape, dtype=torch.float32, device=device)

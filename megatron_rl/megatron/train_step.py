@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl import algorithms
-from megatron_rl.megatron.forward import output_weight, schedule_shapes, stage_forward
+from megatron_rl.megatron.forward import output_weight, run_schedule, stage_forward
 from megatron_rl.megatron.logprobs import DEFAULT_LOGPROB_CHUNK_SIZE, output_layer_logprobs
 from megatron_rl.megatron.parallel import data_parallel_group, pipeline_parallel_group, tensor_parallel_group
 
@@ -253,21 +253,10 @@ def schedule_and_step(forward_step, micro_batches: Sequence, names: Sequence[str
     over micro-batches (each value already divided by the global count) and data-parallel ranks and
     sent to every stage, then the optimizer step, skipped on every rank when the loss ``loss_name`` or
     any gradient is not finite. Adds ``grad_norm`` and ``update_successful``."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    shapes = {tuple(mb.input_ids.shape) for mb in micro_batches}
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    with schedule_shapes(model, shapes):
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=len(micro_batches),
-            seq_length=max(seq for _, seq in shapes),
-            micro_batch_size=max(rows for rows, _ in shapes),
-            forward_only=False,
-        )
+    outputs = run_schedule(model, forward_step, micro_batches, {tuple(mb.input_ids.shape) for mb in micro_batches},
+                           forward_only=False)
     totals = torch.zeros(len(names), dtype=torch.float64)
     pp_size = pp_group.size()
     if pp_group.rank() == pp_size - 1:
