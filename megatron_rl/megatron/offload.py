@@ -80,16 +80,9 @@ class OptimizerOffload:
         "copied_bytes": bytes copied from the device (0 without CUDA)}``. Already on the host: zeros."""
         if self.on_host:
             return _report(0, 0, 0)
-        optimizer_bytes = copied = 0
         for param in self._masters():
             param.grad = None  # a view of the gradient buffer (released below); set again by the next step
-            optimizer_bytes += _nbytes(param)
-            param.data, moved = self._to_host((id(param), "param"), param.data)
-            copied += moved
-        for param, state, key, value in self._state_tensors():
-            optimizer_bytes += _nbytes(value)
-            state[key], moved = self._to_host((id(param), key), value)
-            copied += moved
+        optimizer_bytes, copied = self._move_state(self._to_host)
         grad_bytes = 0
         for buffer in self._grad_buffers():
             if buffer.grad_data.untyped_storage().size():
@@ -102,6 +95,20 @@ class OptimizerOffload:
             torch.cuda.empty_cache()
         self.on_host = True
         return _report(optimizer_bytes, grad_bytes, copied)
+
+    def _move_state(self, move) -> tuple[int, int]:
+        """``move(key, tensor) -> (tensor, bytes copied)`` applied to every master weight and optimizer
+        state tensor; returns (their bytes, bytes copied)."""
+        optimizer_bytes = copied = 0
+        for param in self._masters():
+            optimizer_bytes += _nbytes(param)
+            param.data, moved = move((id(param), "param"), param.data)
+            copied += moved
+        for param, state, key, value in self._state_tensors():
+            optimizer_bytes += _nbytes(value)
+            state[key], moved = move((id(param), key), value)
+            copied += moved
+        return optimizer_bytes, copied
 
     @torch.no_grad()
     def to_device(self) -> dict[str, float]:
@@ -116,15 +123,7 @@ class OptimizerOffload:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                     buffer.reload_from_cpu(move_params=False, move_grads=True)
-        optimizer_bytes = copied = 0
-        for param in self._masters():
-            optimizer_bytes += _nbytes(param)
-            param.data, moved = self._to_device((id(param), "param"), param.data)
-            copied += moved
-        for param, state, key, value in self._state_tensors():
-            optimizer_bytes += _nbytes(value)
-            state[key], moved = self._to_device((id(param), key), value)
-            copied += moved
+        optimizer_bytes, copied = self._move_state(self._to_device)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.on_host = False
