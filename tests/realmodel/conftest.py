@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REAL_MODEL = "smollm2-135m-instruct"
+from _realmodel import REAL_MODEL  # noqa: E402 (after the sys.path line)
 
 
 @pytest.hookimpl(tryfirst=True)  # before tests/conftest.py turns the registry marker into a skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_MODEL
+from _realmodel import REAL_MODEL
 from safetensors import safe_open
 
 from megatron_rl.cli import main

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REAL_MODEL
+from _realmodel import REAL_MODEL
 
 from megatron_rl.config import load_config
 
